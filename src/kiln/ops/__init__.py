@@ -1,0 +1,30 @@
+"""ONNX operators as device-agnostic PyTorch functions.
+
+They are the reference semantics, the constant folder, the CPU backend and the fallback choice on
+the GPU. Importing this package registers every operator.
+"""
+
+from kiln.ops import (  # noqa: F401  (imported for their registrations)
+    attention,
+    control_flow,
+    conv,
+    elementwise,
+    image,
+    indexing,
+    linalg,
+    loss,
+    ml,
+    normalization,
+    quantization,
+    random,
+    reduce,
+    rnn,
+    sequence,
+    shape,
+    signal,
+    text,
+    training,
+)
+from kiln.ops.registry import OpImpl, Subgraph, lookup, register, registered_ops, supported_opsets
+
+__all__ = ["OpImpl", "Subgraph", "lookup", "register", "registered_ops", "supported_opsets"]

@@ -1,0 +1,3 @@
+"""attention operators."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""control_flow operators."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""image operators."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""indexing operators."""
+
+from __future__ import annotations

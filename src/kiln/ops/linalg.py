@@ -1,0 +1,3 @@
+"""linalg operators."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""loss operators."""
+
+from __future__ import annotations

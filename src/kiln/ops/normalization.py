@@ -1,0 +1,3 @@
+"""normalization operators."""
+
+from __future__ import annotations

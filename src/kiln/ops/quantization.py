@@ -1,0 +1,3 @@
+"""quantization operators."""
+
+from __future__ import annotations

@@ -1,0 +1,114 @@
+"""One registry of ONNX operator implementations, keyed by (domain, op type, first opset).
+
+An implementation is a plain PyTorch function. Inputs arrive positionally (``None`` for an omitted
+optional input), attributes as keyword arguments under their ONNX names (defaults live in the
+function's signature, as in the ONNX spec). It returns one value, or a tuple when the node has
+several outputs. Sequences are Python lists, an empty optional is ``None``.
+
+Two keyword-only parameters are filled in by the caller when a function declares them:
+``_device`` (the torch device to create new tensors on) and ``_num_outputs`` (how many outputs the
+node asks for). Graph attributes arrive as :class:`Subgraph` callables.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kiln.errors import UnsupportedOpError
+
+DEFAULT_DOMAIN = ""
+_DOMAIN_ALIASES = {"ai.onnx": DEFAULT_DOMAIN}
+
+
+class Subgraph(Protocol):
+    """A graph attribute (If branches, Loop/Scan bodies), callable with its inputs in order."""
+
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+
+    def __call__(self, *inputs: Any) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    domain: str
+    op_type: str
+    since: int
+    fn: Callable[..., Any]
+    wants_device: bool
+    wants_num_outputs: bool
+
+    def __call__(
+        self, inputs: Sequence[Any], attributes: dict[str, Any], device: Any, num_outputs: int
+    ) -> Any:
+        if self.wants_device:
+            attributes = {**attributes, "_device": device}
+        if self.wants_num_outputs:
+            attributes = {**attributes, "_num_outputs": num_outputs}
+        return self.fn(*inputs, **attributes)
+
+
+_REGISTRY: dict[tuple[str, str], list[OpImpl]] = {}
+
+
+def normalize_domain(domain: str | None) -> str:
+    domain = domain or DEFAULT_DOMAIN
+    return _DOMAIN_ALIASES.get(domain, domain)
+
+
+def register(
+    op_type: str, *, since: int = 1, domain: str = DEFAULT_DOMAIN
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registration's ``since``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        parameters = inspect.signature(fn).parameters
+        impl = OpImpl(
+            domain=normalize_domain(domain),
+            op_type=op_type,
+            since=since,
+            fn=fn,
+            wants_device="_device" in parameters,
+            wants_num_outputs="_num_outputs" in parameters,
+        )
+        versions = _REGISTRY.setdefault((impl.domain, op_type), [])
+        if any(v.since == since for v in versions):
+            raise ValueError(f"{domain or 'ai.onnx'}::{op_type} opset {since} registered twice")
+        versions.append(impl)
+        versions.sort(key=lambda v: v.since)
+        return fn
+
+    return decorate
+
+
+def supported_opsets(op_type: str, domain: str = DEFAULT_DOMAIN) -> list[int]:
+    """The first opset of each registered version of an op (empty when unknown)."""
+    return [v.since for v in _REGISTRY.get((normalize_domain(domain), op_type), [])]
+
+
+def lookup(op_type: str, opset: int, domain: str = DEFAULT_DOMAIN, node_name: str = "") -> OpImpl:
+    """The implementation of ``op_type`` in force at ``opset`` of its domain."""
+    domain = normalize_domain(domain)
+    versions = _REGISTRY.get((domain, op_type), [])
+    for impl in reversed(versions):
+        if impl.since <= opset:
+            return impl
+    where = f"node {node_name!r}: " if node_name else ""
+    shown = f"{domain or 'ai.onnx'}::{op_type}"
+    if not versions:
+        raise UnsupportedOpError(
+            f"{where}operator {shown} (opset {opset}) is not implemented by kiln; "
+            "replace it in the model with operators kiln implements"
+        )
+    raise UnsupportedOpError(
+        f"{where}operator {shown} at opset {opset} is not implemented by kiln; "
+        f"kiln implements it from opset {versions[0].since} (versions starting at "
+        f"{', '.join(str(v.since) for v in versions)}); convert the model to a newer opset"
+    )
+
+
+def registered_ops() -> list[tuple[str, str, int]]:
+    return sorted((d, op, v.since) for (d, op), vs in _REGISTRY.items() for v in vs)

@@ -1,0 +1,3 @@
+"""signal operators."""
+
+from __future__ import annotations

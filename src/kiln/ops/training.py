@@ -1,0 +1,3 @@
+"""training operators."""
+
+from __future__ import annotations
