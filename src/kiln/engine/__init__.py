@@ -1,0 +1,1 @@
+"""Engine construction (``build``), execution plan, static memory plan and the ``.kiln`` file."""

@@ -1,0 +1,134 @@
+"""Build an engine: frontend -> passes -> lowering -> choice selection -> plan and manifest."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.config import BuildConfig
+from kiln.engine.format import EngineData
+from kiln.engine.plan import layer_info, plan_graph
+from kiln.errors import BuildError
+from kiln.frontend.onnx import ModelSource, load_onnx
+from kiln.lowering import LoweredModel, lower
+from kiln.lowering.spec import KernelSpec, ValueType
+from kiln.ops.dtypes import element_type, to_torch
+from kiln.passes import optimize
+from kiln.tune import select_choice
+
+log = logging.getLogger("kiln.build")
+PRECISION = "fp32"
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def build_engine(model: ModelSource, config: BuildConfig) -> EngineData:
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    ir_model = load_onnx(model)
+    ir_model, pass_records = optimize(ir_model, config.opt_level)
+    lowered = lower(ir_model)
+
+    recipes: dict[KernelSpec, dict[str, Any]] = {}
+
+    def recipe_for(spec: KernelSpec) -> dict[str, Any]:
+        if spec not in recipes:
+            recipes[spec] = select_choice(spec, device).recipe(spec)
+        return recipes[spec]
+
+    plan = plan_graph(lowered.graph, recipe_for)
+    tensors, string_tensors = _split_tensors(lowered)
+    manifest = {
+        "kiln_version": _version("kiln"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": _target(device),
+        "versions": _library_versions(),
+        "precision": PRECISION,
+        "opt_level": config.opt_level,
+        "model": {
+            "graph_name": ir_model.graph.name,
+            "producer": f"{ir_model.producer_name or ''} {ir_model.producer_version or ''}".strip(),
+            "opset_imports": lowered.opset_imports,
+        },
+        "signature": {
+            "inputs": _signature(lowered.graph.inputs, lowered.graph.input_types),
+            "outputs": _signature(lowered.graph.outputs, lowered.graph.output_types),
+        },
+        "plan": plan,
+        "layers": [
+            layer_info(step, recipe_for(step.spec), PRECISION) for step in lowered.graph.steps
+        ],
+        "string_tensors": string_tensors,
+        "build": {
+            "seconds": round(time.perf_counter() - start, 3),
+            "passes": [record.__dict__ for record in pass_records],
+        },
+    }
+    log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
+    return EngineData(manifest=manifest, tensors=tensors)
+
+
+def _split_tensors(lowered: LoweredModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, strings = {}, {}
+    for key, array in lowered.tensors.items():
+        if array.dtype == object:
+            values = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+            strings[key] = {"shape": list(array.shape), "values": values}
+        else:
+            tensors[key] = to_torch(np.asarray(array))
+    return tensors, strings
+
+
+def _signature(names: list[str], types: list[ValueType | None]) -> list[dict[str, Any]]:
+    entries = []
+    for name, vtype in zip(names, types):
+        dtype = element_type(vtype.dtype).name if vtype and vtype.dtype else None
+        entries.append(
+            {
+                "name": name,
+                "kind": vtype.kind if vtype else "tensor",
+                "dtype": dtype,
+                "shape": None if vtype is None or vtype.shape is None else list(vtype.shape),
+            }
+        )
+    return entries
+
+
+def _target(device: str) -> dict[str, Any]:
+    if device == "cpu":
+        return {"device": "cpu"}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "device": "cuda",
+        "name": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _library_versions() -> dict[str, str | None]:
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "onnx": _version("onnx"),
+        "onnx_ir": _version("onnx-ir"),
+        "triton": _version("triton"),
+    }

@@ -1,0 +1,6 @@
+"""Load and run engines. Imports only the engine file format, kernel launchers and ops."""
+
+from kiln.runtime.engine import Engine, from_bytes, load
+from kiln.runtime.io import TensorInfo
+
+__all__ = ["Engine", "TensorInfo", "from_bytes", "load"]

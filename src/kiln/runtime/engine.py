@@ -1,0 +1,94 @@
+"""Engine: a built, loadable, runnable model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kiln.engine import format as engine_format
+from kiln.engine.format import EngineData
+from kiln.errors import EngineCompatibilityError, EngineFormatError
+from kiln.ops.dtypes import to_torch
+from kiln.runtime.executor import Program, string_tensor
+from kiln.runtime.io import TensorInfo, bind_inputs, export_outputs
+
+
+class Engine:
+    """Runs an engine's plan on ``cpu`` or ``cuda``.
+
+    ``run`` takes a mapping of input name to NumPy array (or NumPy scalar) or torch tensor and
+    returns the outputs by name, in the model's order, as NumPy arrays when NumPy came in and as
+    torch tensors on the engine's device otherwise.
+    """
+
+    def __init__(self, data: EngineData, device: str | None = None, source: str = "engine") -> None:
+        manifest = data.manifest
+        self._data = data
+        self.device = torch.device(_check_device(manifest, device, source))
+        try:
+            weights: dict[str, Any] = {
+                key: tensor.to(self.device) for key, tensor in data.tensors.items()
+            }
+            weights.update(
+                {key: string_tensor(e) for key, e in manifest.get("string_tensors", {}).items()}
+            )
+            self._program = Program(manifest["plan"], weights, self.device)
+            self.inputs = [TensorInfo.from_json(e) for e in manifest["signature"]["inputs"]]
+            self.outputs = [TensorInfo.from_json(e) for e in manifest["signature"]["outputs"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise EngineFormatError(f"{source}: the engine's plan is malformed ({error})") from None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._data.manifest
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self._data.manifest["layers"]
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
+        with torch.inference_mode():
+            values = self._program.run(self._program.new_env(bound))
+        return export_outputs(self.outputs, values, as_numpy)
+
+    def save(self, path: str | os.PathLike) -> None:
+        engine_format.save(self._data, path)
+
+    def to_bytes(self) -> bytes:
+        return engine_format.dumps(self._data)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(i.describe() for i in self.inputs)
+        outs = ", ".join(o.describe() for o in self.outputs)
+        return f"<kiln.Engine on {self.device}: ({ins}) -> ({outs}), {len(self.layers)} layers>"
+
+
+def _check_device(manifest: dict[str, Any], device: str | None, source: str) -> str:
+    target = manifest.get("target", {}).get("device")
+    device = device or target
+    if device not in ("cpu", "cuda"):
+        raise EngineCompatibilityError(f"{source}: unknown device {device!r}; use 'cpu' or 'cuda'")
+    if device != target:
+        raise EngineCompatibilityError(
+            f"{source} was built for {target}, not {device}; rebuild it with "
+            f"`kiln build MODEL --device {device}`"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineCompatibilityError(
+            f"{source} was built for cuda but no CUDA GPU is visible here; rebuild it with "
+            "`kiln build MODEL --device cpu`"
+        )
+    return device
+
+
+def load(path: str | os.PathLike, device: str | None = None) -> Engine:
+    """Load an engine file; ``device`` defaults to the one it was built for."""
+    return Engine(engine_format.load(path), device, source=str(path))
+
+
+def from_bytes(blob: bytes, device: str | None = None) -> Engine:
+    return Engine(engine_format.loads(blob), device)

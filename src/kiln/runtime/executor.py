@@ -1,0 +1,124 @@
+"""Run a plan graph: each step's launcher in order, releasing values after their last use."""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.errors import EngineFormatError, ShapeError
+from kiln.kernels.launch import launcher
+from kiln.ops.registry import OpImpl
+
+
+@dataclass
+class _BoundStep:
+    name: str
+    op: str
+    impl: OpImpl
+    inputs: list[str | None]
+    outputs: list[str | None]
+    attributes: dict[str, Any]
+    graphs: dict[str, Any]  # attribute name -> Program or list of Programs
+    release: list[str]
+
+
+class Program:
+    """A plan graph bound to its launchers and weights, ready to run."""
+
+    def __init__(self, graph: dict[str, Any], weights: Mapping[str, Any], device: torch.device):
+        self.device = device
+        self.name = graph["name"]
+        self.inputs: list[str] = graph["inputs"]
+        self.outputs: list[str] = graph["outputs"]
+        self.weights = {value: weights[key] for value, key in graph["weights"].items()}
+        self.release_unused_inputs: list[str] = graph["release_unused_inputs"]
+        self.steps = [self._bind(step, weights) for step in graph["steps"]]
+
+    def _bind(self, step: dict[str, Any], weights: Mapping[str, Any]) -> _BoundStep:
+        attributes, graphs = {}, {}
+        for name, encoded in step["attributes"].items():
+            (kind, value), = encoded.items()
+            if kind == "graph":
+                graphs[name] = Program(value, weights, self.device)
+            elif kind == "graphs":
+                graphs[name] = [Program(g, weights, self.device) for g in value]
+            elif kind == "tensor":
+                attributes[name] = weights[value]
+            elif kind == "tensors":
+                attributes[name] = [weights[key] for key in value]
+            else:
+                attributes[name] = value
+        inputs = list(step["inputs"])
+        while inputs and inputs[-1] is None:  # trailing omitted inputs are not passed at all
+            inputs.pop()
+        return _BoundStep(
+            name=step["name"],
+            op=step["op"],
+            impl=launcher(step["recipe"], step["op"], step["domain"], step["opset"], step["name"]),
+            inputs=inputs,
+            outputs=step["outputs"],
+            attributes=attributes,
+            graphs=graphs,
+            release=step["release"],
+        )
+
+    def run(self, env: MutableMapping[str, Any]) -> list[Any]:
+        """Run on ``env`` (graph inputs, and enclosing scopes for subgraphs); return the outputs."""
+        for name in self.release_unused_inputs:
+            env.pop(name, None)
+        for step in self.steps:
+            args = [env[name] if name is not None else None for name in step.inputs]
+            attributes = step.attributes
+            if step.graphs:
+                attributes = {**attributes, **_bind_graphs(step.graphs, env)}
+            try:
+                result = step.impl(args, attributes, self.device, len(step.outputs))
+            except (RuntimeError, ValueError, IndexError, TypeError) as error:
+                raise ShapeError(
+                    f"layer {step.name!r} ({step.op}) failed: {error}".splitlines()[0]
+                ) from error
+            if isinstance(result, tuple):
+                for name, value in zip(step.outputs, result):
+                    if name is not None:
+                        env[name] = value
+            elif step.outputs[0] is not None:
+                env[step.outputs[0]] = result
+            for name in step.release:
+                env.pop(name, None)
+        try:
+            return [env[name] for name in self.outputs]
+        except KeyError as missing:
+            raise EngineFormatError(f"graph {self.name!r} never computes output {missing}") from None
+
+    def new_env(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.weights, **inputs}
+
+
+class Subgraph:
+    """A graph attribute bound to the scope it runs in (implements ``kiln.ops.Subgraph``)."""
+
+    def __init__(self, program: Program, scope: Mapping[str, Any]) -> None:
+        self.program = program
+        self.scope = scope
+        self.input_names = program.inputs
+        self.output_names = program.outputs
+
+    def __call__(self, *inputs: Any) -> list[Any]:
+        local = {**self.program.weights, **dict(zip(self.program.inputs, inputs))}
+        return self.program.run(ChainMap(local, self.scope))
+
+
+def _bind_graphs(graphs: dict[str, Any], env: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        name: [Subgraph(p, env) for p in program] if isinstance(program, list) else Subgraph(program, env)
+        for name, program in graphs.items()
+    }
+
+
+def string_tensor(entry: dict[str, Any]) -> np.ndarray:
+    return np.array(entry["values"], dtype=object).reshape(entry["shape"])
