@@ -122,11 +122,13 @@ def to_torch(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Ten
         return array
     if etype.widened:
         array = array.astype(_TORCH_TO_NUMPY[etype.torch])
+    if not (array.flags.c_contiguous and array.flags.writeable):  # torch wants both
+        array = array.copy(order="C")
     if array.dtype in _BY_TORCH_NUMPY_NATIVE:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(array)
     else:
-        bits_np, bits_torch = _BIT_VIEW[array.dtype.itemsize]
-        tensor = torch.from_numpy(np.ascontiguousarray(array).view(bits_np)).view(etype.torch)
+        bits_np, _ = _BIT_VIEW[array.dtype.itemsize]
+        tensor = torch.from_numpy(array.view(bits_np)).view(etype.torch)
     return tensor.to(device)
 
 
@@ -138,8 +140,7 @@ def to_numpy(value: torch.Tensor | np.ndarray, onnx_type: int | None = None) -> 
     if tensor.dtype in _NATIVE_TORCH:
         array = tensor.numpy()
     else:
-        itemsize = tensor.element_size()
-        bits_np, bits_torch = _BIT_VIEW[itemsize]
+        _, bits_torch = _BIT_VIEW[tensor.element_size()]
         array = tensor.view(bits_torch).numpy().view(_TORCH_TO_NUMPY[tensor.dtype])
     if onnx_type is not None:
         target = ELEMENT_TYPES[onnx_type].numpy

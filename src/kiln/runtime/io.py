@@ -43,9 +43,12 @@ def bind_inputs(
     unknown = [name for name in given if name not in expected]
     if unknown:
         name = unknown[0]
-        close = difflib.get_close_matches(name, list(expected), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown input {name!r}{hint} The engine's inputs are: {_names(signature)}")
+        by_case = {n.lower(): n for n in expected}
+        close = [by_case[name.lower()]] if name.lower() in by_case else (
+            difflib.get_close_matches(name, list(expected), n=1)
+        )
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown input {name!r}{hint}; the engine's inputs are: {_names(signature)}")
     missing = [name for name in expected if name not in given]
     if missing:
         raise InputError(f"missing input {missing[0]!r}; the engine's inputs are: {_names(signature)}")
