@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test lint-imports gpu-test clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/python examples/demo.py
+
+test: $(INSTALLED) lint-imports
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint-imports: $(INSTALLED)
+	$(BIN)/lint-imports
+
+# On a machine with a CUDA GPU: the GPU-marked tests and the node suite on cuda.
+gpu-test: $(INSTALLED)
+	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python -m pytest -q -n 4 tests/conformance -k _cuda
+
+clean:
+	rm -rf $(VENV) .demo build src/*.egg-info
