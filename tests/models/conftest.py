@@ -14,7 +14,7 @@ def resnet_onnx(tmp_path_factory):
     model = zoo.ResNet()
     _randomize_batchnorm(model)
     return zoo.export(model, (torch.randn(2, 3, 64, 64),), tmp_path_factory.mktemp("resnet") / "resnet.onnx",
-                      ["image"], {"image": {0: "batch"}})
+                      ["image"], {"image": {0: "batch", 2: "height", 3: "width"}})
 
 
 @pytest.fixture(scope="session")

@@ -100,8 +100,12 @@ def export(model: nn.Module, example: tuple, path: Path, input_names: list[str],
     """Export with torch's ONNX exporter, dynamic dimensions named as given."""
     torch.manual_seed(0)
     model.eval()
-    dims = {name: {axis: torch.export.Dim(sym, min=1, max=4096) for axis, sym in axes.items()}
-            for name, axes in dynamic.items()}
+    symbols: dict[str, torch.export.Dim] = {}
+    dims = tuple(
+        {axis: symbols.setdefault(sym, torch.export.Dim(sym, min=1, max=4096))
+         for axis, sym in dynamic.get(name, {}).items()}
+        for name in input_names
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

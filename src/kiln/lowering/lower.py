@@ -173,7 +173,7 @@ class _Lowerer:
         if kind == A.GRAPHS:
             return {"graphs": [self.lower_graph(g, f"{key}[{i}]/") for i, g in enumerate(value)]}
         if kind == A.TYPE_PROTO:
-            return {"type": _type_of(value, getattr(value, "shape", None)).to_json()}
+            return {"type": _type_of(value.type, value.shape).to_json()}
         raise UnsupportedOpError(
             f"node {step!r}: attribute {attr.name!r} of type {kind.name} is not supported by kiln"
         )

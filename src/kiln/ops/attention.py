@@ -44,6 +44,16 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> tor
     return torch.matmul(q * root, (k * root).transpose(-1, -2))
 
 
+def _softmax_stepwise(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis rounding after each step (subtract max, exp, sum, divide) in
+    x's type, as ONNX's Attention function body does; an all -inf row gives zeros."""
+    peak = x.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak)
+    exps = torch.exp(x - peak)
+    total = exps.sum(dim=-1, keepdim=True)
+    return exps / torch.where(total == 0, torch.ones_like(total), total)
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, torch.full_like(zero, -math.inf))
@@ -124,7 +134,7 @@ def attention(
     capped = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
     biased = capped if bias is None else capped + bias
     softmax_dtype = q.dtype if softmax_precision is None else torch_dtype(softmax_precision)
-    probs = torch.softmax(biased.to(softmax_dtype), dim=-1)
+    probs = _softmax_stepwise(biased.to(softmax_dtype))
     if bias is not None:
         fully_masked = torch.isneginf(bias.amax(dim=-1, keepdim=True))
         probs = torch.where(fully_masked, torch.zeros((), dtype=probs.dtype, device=q.device), probs)

@@ -85,6 +85,28 @@ def scan(
     return (*state, *results)
 
 
+@register("Scan", since=8)
+def scan_batched(
+    sequence_lens: torch.Tensor | None,
+    *inputs: torch.Tensor,
+    body: Subgraph,
+    num_scan_inputs: int,
+    directions: list[int] | None = None,
+) -> tuple:
+    """Scan-8: axis 0 is a batch, axis 1 the scanned one; sequences may be shorter than axis 1."""
+    batch = inputs[0].shape[0]
+    lengths = [None] * batch if sequence_lens is None else [int(n) for n in sequence_lens.tolist()]
+    per_item = []
+    for index, length in enumerate(lengths):
+        states = [x[index] for x in inputs[: len(inputs) - num_scan_inputs]]
+        sequences = [x[index, :length] for x in inputs[len(inputs) - num_scan_inputs :]]
+        per_item.append(
+            scan(*states, *sequences, body=body, num_scan_inputs=num_scan_inputs,
+                 scan_input_directions=directions)
+        )
+    return tuple(torch.stack(values) for values in zip(*per_item))
+
+
 @register("SequenceMap", since=17)
 def sequence_map(input_sequence: list, *additional: Any, body: Subgraph) -> tuple:
     outputs: list[list[Any]] = [[] for _ in body.output_names]

@@ -145,13 +145,16 @@ def conv_transpose(
     begin, out = [], []
     for i in range(n):
         extended = full_sizes[i] + output_padding[i]
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            # Pads follow from the wanted size; an odd total puts the extra at the end only for
+            # SAME_UPPER (a negative total extends the output).
             size = output_shape[i] if output_shape else x.shape[2 + i] * strides[i]
             total = extended - size
             begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
         else:
-            begin.append(pads[i] if pads else 0)
-            size = output_shape[i] if output_shape else extended - begin[i] - (pads[n + i] if pads else 0)
+            explicit = pads if pads and auto_pad == "NOTSET" else [0] * (2 * n)
+            begin.append(explicit[i])
+            size = extended - explicit[i] - explicit[n + i]
         out.append(size)
     end = [o - (f - bg) for o, f, bg in zip(out, full_sizes, begin)]
     y = _pad_spatial(full, [-bg for bg in begin], end)

@@ -163,7 +163,7 @@ def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """Pow's result has the base's type; an integer base with a float exponent goes through float64."""
+    """Pow's result has the base's type; an integer base meets a float exponent in float64."""
     if not base.is_floating_point() and exponent.is_floating_point():
         return torch.pow(base.to(torch.float64), exponent.to(torch.float64)).to(base.dtype)
     return torch.pow(base, exponent).to(base.dtype)
@@ -197,6 +197,7 @@ for _op_type, _since, _fn, _legacy in (
     ("And", 7, torch.logical_and, True),
     ("Or", 7, torch.logical_or, True),
     ("Xor", 7, torch.logical_xor, True),
+    ("Equal", 7, torch.eq, True),
     ("Less", 7, torch.lt, True),
     ("Greater", 7, torch.gt, True),
     ("LessOrEqual", 12, torch.le, False),
@@ -206,9 +207,6 @@ for _op_type, _since, _fn, _legacy in (
     ("BitwiseXor", 18, torch.bitwise_xor, False),
 ):
     _register_binary(_op_type, _since, _fn, legacy_broadcast=_legacy)
-
-
-_register_binary("Equal", 7, torch.eq, legacy_broadcast=True)
 
 
 @register("Equal", since=19)  # adds string inputs

@@ -6,6 +6,7 @@ torch; string keys and values are looked up on the host (string tensors are NumP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,7 +113,7 @@ def label_encoder(
 
 # --- TreeEnsemble ------------------------------------------------------------------------------
 
-_LEQ, _LT, _GTE, _GT, _EQ, _NEQ, _MEMBER = range(7)
+_MEMBER = 6  # node modes 0-5 are LEQ, LT, GTE, GT, EQ, NEQ: the order of `outcomes` below
 _AVERAGE, _SUM, _MIN, _MAX = range(4)
 _NONE, _SOFTMAX, _LOGISTIC, _SOFTMAX_ZERO, _PROBIT = range(5)
 
@@ -140,11 +141,12 @@ def _set_members(modes: list[int], membership_values: torch.Tensor | None) -> to
 
 def _max_depth(roots, true_ids, false_ids, true_leafs, false_leafs) -> int:
     """The number of decisions on the longest root-to-leaf path of any tree."""
-    depth, frontier = 0, [r for r in roots]
+    depth, frontier = 0, list(roots)
     while frontier:
         depth += 1
-        frontier = [child for node in frontier for child, is_leaf in (
-            (true_ids[node], true_leafs[node]), (false_ids[node], false_leafs[node])) if not is_leaf]
+        branches = [(true_ids[n], true_leafs[n]) for n in frontier]
+        branches += [(false_ids[n], false_leafs[n]) for n in frontier]
+        frontier = [child for child, is_leaf in branches if not is_leaf]
     return depth
 
 
@@ -169,7 +171,7 @@ def _post_transform(scores: torch.Tensor, post_transform: int) -> torch.Tensor:
         exp = torch.where(scores != 0, torch.exp(scores - scores.amax(1, keepdim=True)), 0.0)
         return exp / exp.sum(1, keepdim=True)
     if post_transform == _PROBIT:
-        return torch.special.erfinv(2 * scores - 1) * np.sqrt(2)
+        return torch.special.erfinv(2 * scores - 1) * math.sqrt(2)
     return scores
 
 
@@ -210,7 +212,8 @@ def tree_ensemble(
     split = nodes_splits.reshape(-1).to(device, torch.float64)
     members = _set_members(modes, membership_values).to(device)
     true_id, false_id = tensor(nodes_truenodeids), tensor(nodes_falsenodeids)
-    true_leaf, false_leaf = tensor(nodes_trueleafs, torch.bool), tensor(nodes_falseleafs, torch.bool)
+    true_leaf = tensor(nodes_trueleafs, torch.bool)
+    false_leaf = tensor(nodes_falseleafs, torch.bool)
     missing_true = tensor(nodes_missing_value_tracks_true or [0] * len(modes), torch.bool)
 
     roots = tensor(tree_roots)

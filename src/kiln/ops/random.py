@@ -119,7 +119,7 @@ def bernoulli(
 def multinomial(
     input: torch.Tensor, *, dtype: int = 6, sample_size: int = 1, seed: float | None = None
 ) -> torch.Tensor:
-    """``sample_size`` class indices per row of unnormalized log-probabilities ``[batch, class]``."""
+    """``sample_size`` class indices per row of unnormalized log-probabilities ``[batch, C]``."""
     probabilities = torch.softmax(input.to(_sample_dtype(input.dtype)), dim=-1)
     samples = torch.multinomial(
         probabilities, sample_size, replacement=True, generator=_generator(seed, input.device)

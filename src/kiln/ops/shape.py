@@ -255,7 +255,7 @@ def _slice(data, starts: list[int], ends: list[int], axes: list[int] | None, ste
             index = (slice(None),) * axis + (slice(kept.start, kept.stop, step),)
             data = data[index]
         else:  # torch slicing has no negative steps
-            picked = torch.arange(kept.start, kept.stop, kept.step, device=data.device)
+            picked = kept.start + kept.step * torch.arange(len(kept), device=data.device)
             data = data.index_select(axis, picked)
     return data
 

@@ -47,7 +47,7 @@ def _dft(
         spectrum = torch.fft.fft(signal, n=dft_length, dim=axis)
         if onesided:
             spectrum = spectrum.narrow(axis, 0, dft_length // 2 + 1)
-    return torch.view_as_real(spectrum).to(x.dtype)
+    return torch.stack([spectrum.real, spectrum.imag], dim=-1).to(x.dtype)
 
 
 def _optional_int(value: torch.Tensor | None) -> int | None:
@@ -142,7 +142,7 @@ def mel_weight_matrix(
     *,
     output_datatype: int = 1,
 ) -> torch.Tensor:
-    """Triangular filters peaking at 1, one column per mel bin, over ``dft_length // 2 + 1`` rows."""
+    """Triangular filters peaking at 1: one column per mel bin, ``dft_length // 2 + 1`` rows."""
     mel_bins, length, rate = int(num_mel_bins), int(dft_length), int(sample_rate)
     device = lower_edge_hertz.device
     low_mel, high_mel = _hertz_to_mel(lower_edge_hertz), _hertz_to_mel(upper_edge_hertz)

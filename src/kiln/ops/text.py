@@ -79,28 +79,45 @@ def regex_full_match(x: np.ndarray, *, pattern: str, _device) -> torch.Tensor:
 
 
 def _token_ids(x: np.ndarray | torch.Tensor, pool: Sequence, device) -> tuple:
-    """The input and the pool as int64 tensors on one device.
+    """The input and the pool as indices into the pool's vocabulary (int64 tensors).
 
-    Strings become their index in the pool's vocabulary (-1 when absent, which matches nothing).
+    Items missing from the vocabulary get its size as their index, which no n-gram holds.
     """
     if isinstance(x, torch.Tensor):
-        return x.to(torch.int64), torch.tensor(pool, dtype=torch.int64, device=x.device)
+        pool_values = torch.tensor(pool, dtype=torch.int64, device=x.device)
+        vocabulary, pool_ids = torch.unique(pool_values, return_inverse=True)
+        x = x.to(torch.int64)
+        position = torch.searchsorted(vocabulary, x).clamp(max=len(vocabulary) - 1)
+        return torch.where(vocabulary[position] == x, position, len(vocabulary)), pool_ids
     vocabulary = {word: i for i, word in enumerate(dict.fromkeys(pool))}
-    ids = [vocabulary.get(word, -1) for word in x.reshape(-1)]
+    ids = [vocabulary.get(word, len(vocabulary)) for word in x.reshape(-1)]
     input_ids = torch.tensor(ids, dtype=torch.int64, device=device).reshape(x.shape)
     pool_ids = torch.tensor([vocabulary[w] for w in pool], dtype=torch.int64, device=device)
     return input_ids, pool_ids
 
 
-def _count_ngrams(rows: torch.Tensor, grams: torch.Tensor, skip: int) -> torch.Tensor:
-    """``[rows, n_grams]``: how often each n-gram occurs with items ``skip + 1`` apart."""
+def _count_ngrams(rows: torch.Tensor, grams: torch.Tensor, skip: int, base: int):
+    """``[rows, n_grams]``: how often each n-gram occurs with items ``skip + 1`` apart.
+
+    Tokens are vocabulary indices below ``base``. The n-grams' prefixes are numbered one length at
+    a time (prefix number * base + next token, made dense again), which finds every window's
+    n-gram by binary search and never overflows int64.
+    """
     n = grams.shape[1]
-    span = (n - 1) * (skip + 1)
-    starts = torch.arange(max(rows.shape[1] - span, 0), device=rows.device)
+    starts = torch.arange(max(rows.shape[1] - (n - 1) * (skip + 1), 0), device=rows.device)
     positions = starts.unsqueeze(1) + (skip + 1) * torch.arange(n, device=rows.device)
     windows = rows[:, positions]  # [rows, starts, n]
-    matches = (windows.unsqueeze(2) == grams).all(-1)  # [rows, starts, n_grams]
-    return matches.sum(1)
+    gram_prefix = torch.zeros(len(grams), dtype=torch.int64, device=rows.device)
+    window_prefix = torch.zeros(windows.shape[:2], dtype=torch.int64, device=rows.device)
+    for k in range(n):
+        known, gram_prefix = torch.unique(gram_prefix * base + grams[:, k], return_inverse=True)
+        code = window_prefix * base + windows[..., k]
+        position = torch.searchsorted(known, code).clamp(max=len(known) - 1)
+        # An unknown prefix gets number len(known), whose codes exceed every known one.
+        window_prefix = torch.where(known[position] == code, position, len(known))
+    counts = torch.zeros(rows.shape[0], len(known) + 1, device=rows.device)
+    counts.scatter_add_(1, window_prefix, torch.ones_like(window_prefix, dtype=counts.dtype))
+    return counts[:, gram_prefix]
 
 
 @register("TfIdfVectorizer", since=9)
@@ -127,6 +144,7 @@ def tfidf_vectorizer(
     """
     pool = list(pool_int64s) if pool_int64s else list(pool_strings or ())
     ids, pool_ids = _token_ids(x, pool, _device)
+    base = int(pool_ids.max()) + 2 if pool else 1  # vocabulary size, plus "unknown"
     rows = ids.reshape(1, -1) if ids.dim() < 2 else ids
     columns = torch.tensor(ngram_indexes, dtype=torch.int64, device=ids.device)
     frequencies = torch.zeros(rows.shape[0], max(ngram_indexes) + 1, device=ids.device)
@@ -138,13 +156,13 @@ def tfidf_vectorizer(
         if min_gram_length <= size <= max_gram_length and count > 0:
             grams = pool_ids[begin : begin + count * size].reshape(count, size)
             skips = range(max_skip_count + 1) if size > 1 else [0]
-            counted = sum(_count_ngrams(rows, grams, skip) for skip in skips)
-            frequencies.index_add_(1, columns[first_id : first_id + count], counted.float())
+            counted = sum(_count_ngrams(rows, grams, skip, base) for skip in skips)
+            frequencies.index_add_(1, columns[first_id : first_id + count], counted)
         first_id += count
 
     weight = torch.ones(frequencies.shape[1], device=ids.device)
     if weights:  # weights[k] belongs to the k-th pool n-gram, hence to column ngram_indexes[k]
-        weight.scatter_(0, columns, torch.tensor(weights, device=ids.device))
+        weight.scatter_(0, columns, torch.tensor(weights, dtype=torch.float32, device=ids.device))
     if mode == "IDF":
         result = (frequencies > 0) * weight
     elif mode == "TFIDF":

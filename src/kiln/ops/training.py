@@ -35,7 +35,7 @@ def adagrad(
     epsilon: float = 1e-6,
     norm_coefficient: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """Inputs ``R, T, X.., G.., H..`` (H: accumulated squared gradients); outputs ``X_new.., H_new..``."""
+    """Inputs ``R, T, X.., G.., H..`` (H: accumulated squared gradients); outputs ``X.., H..``."""
     rate = r / (1 + t * decay_factor)
     updates = []
     for x, g, h in _groups(tensors, 3):
@@ -82,7 +82,7 @@ def momentum(
     mode: str,
     norm_coefficient: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Inputs ``R, T, X.., G.., V..``; outputs ``X_new.., V_new..``; ``mode`` standard or nesterov."""
+    """Inputs ``R, T, X.., G.., V..``; outputs ``X.., V..``; ``mode`` standard or nesterov."""
     gradient_scale = torch.where(t > 0, beta, 1.0)  # the first step takes the gradient whole
     updates = []
     for x, g, v in _groups(tensors, 3):
