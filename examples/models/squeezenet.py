@@ -36,6 +36,15 @@ class SqueezeNet11(nn.Module):
         )
         self.classifier = nn.Sequential(nn.Conv2d(512, classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
 
+        # torchvision's initialisation, so activations keep their scale through the network.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                if module is self.classifier[0]:
+                    nn.init.normal_(module.weight, std=0.01)
+                else:
+                    nn.init.kaiming_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.classifier(self.features(x)), 1)
 

@@ -83,7 +83,7 @@ def build_engine(model: ModelSource, config: BuildConfig) -> EngineData:
 def _split_tensors(lowered: LoweredModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, strings = {}, {}
     for key, array in lowered.tensors.items():
-        if array.dtype == object:
+        if array.dtype.kind in "OSU":  # strings: NumPy objects or fixed-width bytes
             values = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
             strings[key] = {"shape": list(array.shape), "values": values}
         else:

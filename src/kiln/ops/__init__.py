@@ -10,6 +10,7 @@ from kiln.ops import (  # noqa: F401  (imported for their registrations)
     conv,
     elementwise,
     image,
+    image_decoder,
     indexing,
     linalg,
     loss,

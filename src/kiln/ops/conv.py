@@ -131,6 +131,23 @@ def conv(
     return _CONV[n](x, w, b, stride=strides, padding=padding, dilation=dilations, groups=group)
 
 
+def _transposed_window(
+    extended: int, in_size: int, stride: int, auto_pad: str, pads: tuple[int, int],
+    wanted: int | None,
+) -> tuple[int, int]:
+    """(start, size) of ConvTranspose's output within the full result extended by output_padding."""
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    if wanted is None and not same:
+        before, after = pads if auto_pad == "NOTSET" else (0, 0)
+        return before, extended - before - after
+    size = wanted if wanted is not None else in_size * stride
+    total = extended - size
+    if not same:
+        total = max(0, total)  # an output_shape beyond the full result extends only its end
+    # An odd total leaves the extra position at the end for SAME_UPPER, the start otherwise.
+    return (total // 2 if auto_pad == "SAME_UPPER" else total - total // 2), size
+
+
 @register("ConvTranspose", since=1)
 def conv_transpose(
     x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
@@ -139,25 +156,17 @@ def conv_transpose(
     n = x.dim() - 2
     strides, dilations = _or_ones(strides, n), _or_ones(dilations, n)
     output_padding = list(output_padding) if output_padding else [0] * n
-    # The full transposed convolution, then the part of it that pads/output_shape select.
+    pads = list(pads) if pads else [0] * (2 * n)
     full = _CONV_TRANSPOSE[n](x, w, stride=strides, dilation=dilations, groups=group)
-    full_sizes = full.shape[2:]
-    begin, out = [], []
-    for i in range(n):
-        extended = full_sizes[i] + output_padding[i]
-        if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            # Pads follow from the wanted size; an odd total puts the extra at the end only for
-            # SAME_UPPER (a negative total extends the output).
-            size = output_shape[i] if output_shape else x.shape[2 + i] * strides[i]
-            total = extended - size
-            begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
-        else:
-            explicit = pads if pads and auto_pad == "NOTSET" else [0] * (2 * n)
-            begin.append(explicit[i])
-            size = extended - explicit[i] - explicit[n + i]
-        out.append(size)
-    end = [o - (f - bg) for o, f, bg in zip(out, full_sizes, begin)]
-    y = _pad_spatial(full, [-bg for bg in begin], end)
+    begin, end = [], []
+    for i, full_size in enumerate(full.shape[2:]):
+        start, size = _transposed_window(
+            full_size + output_padding[i], x.shape[2 + i], strides[i], auto_pad,
+            (pads[i], pads[n + i]), output_shape[i] if output_shape else None,
+        )
+        begin.append(-start)  # negative padding crops
+        end.append(start + size - full_size)
+    y = _pad_spatial(full, begin, end)
     if b is not None:
         y = y + b.reshape(-1, *([1] * n))
     return y

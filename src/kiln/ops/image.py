@@ -1,10 +1,11 @@
 """Image operators: Resize/Upsample, GridSample, AffineGrid, RoiAlign and NonMaxSuppression.
 
-Resize follows the ONNX reference implementation exactly: it is separable, so each resized axis is
-handled on its own by gathering the few source elements every output position needs and weighting
-them. Sampling positions and weights depend only on shapes and scales, so they are computed on the
-host in float64 (as the reference does) and moved to the data's device. Nearest-neighbour sampling
-is a pure gather, exact for every element type.
+Resize follows the ONNX reference implementation: it is separable, so each resized axis is handled
+on its own by gathering the few source elements every output position needs and weighting them.
+Sampling positions and weights depend only on shapes and scales, so they are computed on the host
+with the reference's precision (float64; cubic weights float32) and moved to the data's device.
+Nearest-neighbour sampling is a pure gather, exact for every element type. Resize-10 and Upsample
+leave rounding unspecified and follow onnxruntime.
 
 GridSample gathers the interpolation taps of every dimension directly instead of calling
 ``torch.nn.functional.grid_sample``, whose bicubic border/reflection handling and missing volumetric
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+
 import torch
 
 from kiln.ops.registry import register
@@ -27,7 +29,7 @@ from kiln.ops.registry import register
 def _source_coordinates(
     mode: str, out_size: int, in_size: int, scale: float, roi: tuple[float, float] | None
 ) -> torch.Tensor:
-    """Where each output position along one axis samples the input (``coordinate_transformation_mode``)."""
+    """Where each output position along one axis samples the input."""
     y = torch.arange(out_size, dtype=torch.float64)
     out_length = scale * in_size  # the unrounded output length
     if mode == "half_pixel":
@@ -96,7 +98,8 @@ def _interpolation_weights(
     if mode == "linear":
         return torch.cat([1 - r, r], dim=1)
     # Cubic weights are float32, like the reference's (its float32 coefficient ``a`` decides).
-    return _cubic_kernel((torch.arange(-1, 3, dtype=torch.float64) - r).float(), cubic_coeff_a).double()
+    distance = torch.arange(-1, 3, dtype=torch.float64) - r
+    return _cubic_kernel(distance.float(), cubic_coeff_a).double()
 
 
 def _tap_indices(x: torch.Tensor, taps: int) -> torch.Tensor:
@@ -132,7 +135,7 @@ def _resize_axis(
     extrapolation_value: float,
     antialias: int,
 ) -> torch.Tensor:
-    """Resize ``data`` along one axis (``data`` is already in its compute dtype for non-nearest modes)."""
+    """Resize ``data`` along one axis (already in its compute dtype unless ``mode`` is nearest)."""
     in_size = data.shape[axis]
     x = _source_coordinates(coordinate_transformation_mode, out_size, in_size, scale, roi)
     if mode == "nearest":
@@ -144,7 +147,8 @@ def _resize_axis(
         weights = _interpolation_weights(ratio, scale, mode, cubic_coeff_a, antialias)
         taps = _tap_indices(x, weights.shape[1])
         if exclude_outside:
-            weights = torch.where((taps < 0) | (taps >= in_size), torch.zeros_like(weights), weights)
+            outside = (taps < 0) | (taps >= in_size)
+            weights = torch.where(outside, torch.zeros_like(weights), weights)
             total = weights.sum(dim=1, keepdim=True)
             weights = weights / torch.where(total == 0, torch.ones_like(total), total)
         gathered = data.index_select(axis, taps.clamp(0, in_size - 1).flatten().to(data.device))
@@ -253,6 +257,8 @@ def _resize_by_scales_v10(X: torch.Tensor, scales: list[float], mode: str) -> to
     """Resize-10 and Upsample: asymmetric coordinates; nearest rounds down when enlarging an axis
     and up when shrinking it (as onnxruntime does; these versions leave rounding unspecified)."""
     sizes = [int(s * n) for s, n in zip(scales, X.shape)]
+    if sizes == list(X.shape):  # onnxruntime copies the input whenever the shape is unchanged
+        return X
     result = X if mode == "nearest" else X.to(_compute_dtype(X.dtype))
     for axis, (scale, size) in enumerate(zip(scales, sizes)):
         if scale == 1 and size == X.shape[axis]:
@@ -302,9 +308,7 @@ def _reflect(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return torch.where(x < low, from_low, torch.where(x > high, from_high, x))
 
 
-def _grid_taps(
-    x: torch.Tensor, mode: str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _grid_taps(x: torch.Tensor, mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(integer position, weight) of each interpolation tap along one dimension."""
     if mode == "nearest":
         return [(x, torch.ones_like(x))]
@@ -488,7 +492,9 @@ def _roi_align(
 
     per_channel = X.to(compute_dtype).transpose(0, 1).reshape(channels, -1)
     num_rois = rois.shape[0]
-    samples_per_roi = int((grid_h.clamp(min=1).max() * grid_w.clamp(min=1).max()).item()) if num_rois else 1
+    samples_per_roi = 1
+    if num_rois:
+        samples_per_roi = int(grid_h.clamp(min=1).max()) * int(grid_w.clamp(min=1).max())
     per_roi = 4 * channels * output_height * output_width * samples_per_roi
     chunk = max(1, _ROI_ALIGN_CHUNK_ELEMENTS // per_roi)
     pieces = [
@@ -539,14 +545,22 @@ def _box_corners(boxes: torch.Tensor, center_point_box: int) -> tuple[torch.Tens
         x_center, y_center, w, h = boxes.unbind(-1)
         return y_center - h / 2, x_center - w / 2, y_center + h / 2, x_center + w / 2
     y1, x1, y2, x2 = boxes.unbind(-1)  # corners in either order
-    return torch.minimum(y1, y2), torch.minimum(x1, x2), torch.maximum(y1, y2), torch.maximum(x1, x2)
+    y_min, y_max = torch.minimum(y1, y2), torch.maximum(y1, y2)
+    x_min, x_max = torch.minimum(x1, x2), torch.maximum(x1, x2)
+    return y_min, x_min, y_max, x_max
 
 
-def _suppression_matrix(boxes: torch.Tensor, center_point_box: int, iou_threshold: float) -> torch.Tensor:
+def _pairwise_overlap(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Length of the intersection of every pair of intervals (negative when disjoint)."""
+    return torch.minimum(high[:, None], high) - torch.maximum(low[:, None], low)
+
+
+def _suppression_matrix(
+    boxes: torch.Tensor, center_point_box: int, iou_threshold: float
+) -> torch.Tensor:
     """suppresses[i, j]: boxes i and j overlap by more than the IoU threshold."""
     y_min, x_min, y_max, x_max = _box_corners(boxes, center_point_box)
-    inter_w = torch.minimum(x_max[:, None], x_max[None, :]) - torch.maximum(x_min[:, None], x_min[None, :])
-    inter_h = torch.minimum(y_max[:, None], y_max[None, :]) - torch.maximum(y_min[:, None], y_min[None, :])
+    inter_w, inter_h = _pairwise_overlap(x_min, x_max), _pairwise_overlap(y_min, y_max)
     intersection = inter_w * inter_h
     area = (x_max - x_min) * (y_max - y_min)
     union = area[:, None] + area[None, :] - intersection

@@ -25,9 +25,8 @@ def _wrap_negative(indices: torch.Tensor, size: int | torch.Tensor) -> torch.Ten
 def _linear_index(indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Index tuples in the last dim of ``indices`` as offsets into a flattened ``shape``."""
     sizes = torch.tensor(shape, dtype=torch.int64, device=indices.device)
-    strides = torch.tensor(
-        [math.prod(shape[i + 1:]) for i in range(len(shape))], dtype=torch.int64, device=indices.device
-    )
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    strides = torch.tensor(strides, dtype=torch.int64, device=indices.device)
     return (_wrap_negative(indices, sizes) * strides).sum(-1)
 
 
@@ -54,7 +53,8 @@ def gather_nd(data, indices, *, batch_dims=0):
     rest = data.shape[batch_dims + depth:]
     # One row of indexed elements per batch entry, one index tuple per lookup.
     table = data.reshape(batch, math.prod(indexed), *rest)
-    lookups = _linear_index(indices, indexed).reshape(batch, math.prod(indices.shape[batch_dims:-1]))
+    lookups_per_batch = math.prod(indices.shape[batch_dims:-1])
+    lookups = _linear_index(indices, indexed).reshape(batch, lookups_per_batch)
     rows = torch.arange(batch, device=data.device)[:, None]
     return table[rows, lookups].reshape(indices.shape[:-1] + rest)
 
@@ -150,14 +150,17 @@ def unique(X, *, axis=None, sorted=1):
     if axis is None:
         X, axis = X.reshape(-1), 0
     axis = normalize_axis(axis, X.dim())
-    Y, inverse, counts = torch.unique(X, sorted=True, return_inverse=True, return_counts=True, dim=axis)
+    Y, inverse, counts = torch.unique(
+        X, sorted=True, return_inverse=True, return_counts=True, dim=axis
+    )
     positions = torch.arange(inverse.numel(), device=X.device)
     first = torch.full_like(counts, inverse.numel()).scatter_reduce(0, inverse, positions, "amin")
     if not sorted:  # order by first occurrence instead
         order = torch.argsort(first)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=X.device)
-        Y, first, inverse, counts = Y.index_select(axis, order), first[order], rank[inverse], counts[order]
+        Y, first, counts = Y.index_select(axis, order), first[order], counts[order]
+        inverse = rank[inverse]
     return Y, first, inverse, counts
 
 

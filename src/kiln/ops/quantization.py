@@ -36,7 +36,11 @@ _INTEGER_RANGES = {
 }
 _FLOAT8_TYPES = {_T.FLOAT8E4M3FN, _T.FLOAT8E4M3FNUZ, _T.FLOAT8E5M2, _T.FLOAT8E5M2FNUZ}
 # Small float types stored as float32: (exponent bias, mantissa bits, largest finite value).
-_SMALL_FLOATS = {_T.FLOAT4E2M1: (1, 1, 6.0), _T.FLOAT6E2M3: (1, 3, 7.5), _T.FLOAT6E3M2: (3, 2, 28.0)}
+_SMALL_FLOATS = {
+    _T.FLOAT4E2M1: (1, 1, 6.0),
+    _T.FLOAT6E2M3: (1, 3, 7.5),
+    _T.FLOAT6E3M2: (3, 2, 28.0),
+}
 
 # The quantized type a zero point's storage dtype stands for when no output_dtype says otherwise.
 _TYPE_OF_ZERO_POINT_STORAGE = {
@@ -52,7 +56,9 @@ _TYPE_OF_ZERO_POINT_STORAGE = {
 }
 
 
-def _broadcastable(param: torch.Tensor, shape: torch.Size, axis: int, block_size: int) -> torch.Tensor:
+def _broadcastable(
+    param: torch.Tensor, shape: torch.Size, axis: int, block_size: int
+) -> torch.Tensor:
     """A scale or zero point shaped to broadcast against an input of ``shape``.
 
     Scalars (and one-element tensors) apply to the whole tensor, a 1-D tensor to ``axis`` and,
@@ -71,7 +77,8 @@ def _broadcastable(param: torch.Tensor, shape: torch.Size, axis: int, block_size
 
 def _as_compute_float(dtype: torch.dtype) -> torch.dtype:
     """float8 scales and integer inputs are computed on in float32."""
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    computable = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return dtype if dtype in computable else torch.float32
 
 
 def _round_to_small_float(x: torch.Tensor, onnx_type: int) -> torch.Tensor:
@@ -115,9 +122,9 @@ def quantize_linear(
         _as_compute_float(x.dtype), _as_compute_float(y_scale.dtype)
     )
     scaled = x.to(compute) / _broadcastable(y_scale, x.shape, axis, block_size).to(compute)
-    zero_point = (
-        _broadcastable(y_zero_point, x.shape, axis, block_size) if y_zero_point is not None else None
-    )
+    zero_point = None
+    if y_zero_point is not None:
+        zero_point = _broadcastable(y_zero_point, x.shape, axis, block_size)
     if quantized_type in _INTEGER_RANGES:
         low, high = _INTEGER_RANGES[quantized_type]
         # Round half to even, then shift and saturate in int64, where nothing overflows (rounded
@@ -155,13 +162,13 @@ def dynamic_quantize_linear(x):
 
 
 def _exact_float(depth: int) -> torch.dtype:
-    """A float type whose sums of ``depth`` products of 8-bit differences (<= 255 each) are exact."""
+    """A float type holding sums of ``depth`` products of 8-bit differences (<= 255) exactly."""
     return torch.float32 if depth * 255 * 255 < 2**24 else torch.float64
 
 
 def _shifted(values: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype,
              zero_point_shape: list[int] | None = None) -> torch.Tensor:
-    """``values - zero_point`` in ``dtype``; a per-channel zero point is viewed as ``zero_point_shape``."""
+    """``values - zero_point`` in ``dtype``; a per-channel zero point takes ``zero_point_shape``."""
     values = values.to(dtype)
     if zero_point is None:
         return values

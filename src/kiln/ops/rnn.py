@@ -43,7 +43,7 @@ _ACTIVATIONS: dict[str, tuple[Callable[..., torch.Tensor], float | None, float |
 def _activation_functions(
     names: Sequence[str], alphas: Sequence[float] | None, betas: Sequence[float] | None
 ) -> list[Activation]:
-    """Bind each named activation to its alpha/beta, consumed in order by the functions using them."""
+    """Bind each activation to its alpha/beta, consumed in order by the functions taking them."""
     alpha_iter, beta_iter = iter(alphas or ()), iter(betas or ())
     functions = []
     for name in names:
@@ -77,7 +77,7 @@ def _clipper(clip: float | None) -> Activation:
 
 
 def _reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Reverse the first ``lengths[b]`` steps of each batch entry (time-major ``x``); padding stays."""
+    """Reverse the first ``lengths[b]`` steps of each batch entry of time-major ``x``."""
     if lengths is None:
         return torch.flip(x, [0])
     steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (seq, 1)
@@ -148,7 +148,9 @@ def _recurrent_layer(
     initial_states = [
         s if s is not None else X.new_zeros(num_directions, batch, hidden) for s in initial_states
     ]
-    lengths = sequence_lens.to(device=X.device, dtype=torch.int64) if sequence_lens is not None else None
+    lengths = None
+    if sequence_lens is not None:
+        lengths = sequence_lens.to(device=X.device, dtype=torch.int64)
     if lengths is not None and bool((lengths == X.shape[0]).all()):
         lengths = None  # every sequence is full length: no masking needed
     per_direction = _per_direction_activations(

@@ -1,8 +1,8 @@
 """Sequence and optional operators.
 
-A sequence is a Python list of tensors and an empty optional is ``None``. Ops build new lists rather
-than change their input, since a value may be read by several nodes. (SequenceMap runs a subgraph and
-lives with the control-flow ops.)
+A sequence is a Python list of tensors and an empty optional is ``None``. Ops build new lists
+rather than change their input, since a value may be read by several nodes. (SequenceMap runs a
+subgraph and lives with the control-flow ops.)
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def concat_from_sequence(input_sequence, *, axis, new_axis=0):
 @moves_strings
 def split_to_sequence(input, split=None, *, axis=0, keepdims=1):
     if split is None:  # parts of one along the axis; keepdims only applies here
-        return list(torch.split(input, 1, dim=axis)) if keepdims else list(torch.unbind(input, axis))
+        parts = torch.split(input, 1, dim=axis) if keepdims else torch.unbind(input, axis)
+        return list(parts)
     # A scalar split is a part length (the last part may be shorter), a 1-D one the lengths.
     sizes = int(split.item()) if split.dim() == 0 else ints(split)
     return list(torch.split(input, sizes, dim=axis))

@@ -35,6 +35,10 @@ def is_strings(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.dtype == object
 
 
+def _holds_strings(value: Any) -> bool:
+    return is_strings(value) or (isinstance(value, list) and any(map(is_strings, value)))
+
+
 def moves_strings(op: Callable[..., Any]) -> Callable[..., Any]:
     """Let an op that only moves elements around take string tensors (NumPy object arrays).
 
@@ -45,7 +49,7 @@ def moves_strings(op: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(op)
     def run(*inputs: Any, **attributes: Any) -> Any:
-        if not any(is_strings(x) or (isinstance(x, list) and any(map(is_strings, x))) for x in inputs):
+        if not any(map(_holds_strings, inputs)):
             return op(*inputs, **attributes)
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu")
         pool: list[np.ndarray] = []
@@ -102,7 +106,9 @@ def pad_axis(
         sources = positions.abs().remainder(max(period, 1))
         sources = torch.where(sources >= size, period - sources, sources)
     else:
-        raise UnsupportedOpError(f"Pad: unknown mode {mode!r} (expected constant, reflect, edge or wrap)")
+        raise UnsupportedOpError(
+            f"Pad: unknown mode {mode!r} (expected constant, reflect, edge or wrap)"
+        )
     return data.index_select(axis, sources)
 
 
@@ -244,7 +250,13 @@ def split(input, split=None, *, axis=0, num_outputs=None, _num_outputs):
     return _split(input, ints(split), axis, num_outputs or _num_outputs)
 
 
-def _slice(data, starts: list[int], ends: list[int], axes: list[int] | None, steps: list[int] | None):
+def _slice(
+    data,
+    starts: list[int],
+    ends: list[int],
+    axes: list[int] | None,
+    steps: list[int] | None,
+):
     axes = range(len(starts)) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     for start, end, axis, step in zip(starts, ends, axes, steps):

@@ -79,21 +79,20 @@ def regex_full_match(x: np.ndarray, *, pattern: str, _device) -> torch.Tensor:
 
 
 def _token_ids(x: np.ndarray | torch.Tensor, pool: Sequence, device) -> tuple:
-    """The input and the pool as indices into the pool's vocabulary (int64 tensors).
-
-    Items missing from the vocabulary get its size as their index, which no n-gram holds.
-    """
+    """The input and the pool as indices into the pool's vocabulary (int64 tensors), and the
+    vocabulary's size. Items missing from the vocabulary get its size as their index."""
     if isinstance(x, torch.Tensor):
         pool_values = torch.tensor(pool, dtype=torch.int64, device=x.device)
         vocabulary, pool_ids = torch.unique(pool_values, return_inverse=True)
         x = x.to(torch.int64)
         position = torch.searchsorted(vocabulary, x).clamp(max=len(vocabulary) - 1)
-        return torch.where(vocabulary[position] == x, position, len(vocabulary)), pool_ids
+        known = vocabulary[position] == x
+        return torch.where(known, position, len(vocabulary)), pool_ids, len(vocabulary)
     vocabulary = {word: i for i, word in enumerate(dict.fromkeys(pool))}
     ids = [vocabulary.get(word, len(vocabulary)) for word in x.reshape(-1)]
     input_ids = torch.tensor(ids, dtype=torch.int64, device=device).reshape(x.shape)
     pool_ids = torch.tensor([vocabulary[w] for w in pool], dtype=torch.int64, device=device)
-    return input_ids, pool_ids
+    return input_ids, pool_ids, len(vocabulary)
 
 
 def _count_ngrams(rows: torch.Tensor, grams: torch.Tensor, skip: int, base: int):
@@ -143,8 +142,7 @@ def tfidf_vectorizer(
     once, whatever the skip.
     """
     pool = list(pool_int64s) if pool_int64s else list(pool_strings or ())
-    ids, pool_ids = _token_ids(x, pool, _device)
-    base = int(pool_ids.max()) + 2 if pool else 1  # vocabulary size, plus "unknown"
+    ids, pool_ids, vocabulary_size = _token_ids(x, pool, _device)
     rows = ids.reshape(1, -1) if ids.dim() < 2 else ids
     columns = torch.tensor(ngram_indexes, dtype=torch.int64, device=ids.device)
     frequencies = torch.zeros(rows.shape[0], max(ngram_indexes) + 1, device=ids.device)
@@ -156,7 +154,7 @@ def tfidf_vectorizer(
         if min_gram_length <= size <= max_gram_length and count > 0:
             grams = pool_ids[begin : begin + count * size].reshape(count, size)
             skips = range(max_skip_count + 1) if size > 1 else [0]
-            counted = sum(_count_ngrams(rows, grams, skip, base) for skip in skips)
+            counted = sum(_count_ngrams(rows, grams, skip, vocabulary_size + 1) for skip in skips)
             frequencies.index_add_(1, columns[first_id : first_id + count], counted)
         first_id += count
 

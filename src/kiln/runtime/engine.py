@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ class Engine:
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), strict_fp32():
             values = self._program.run(self._program.new_env(bound))
         return export_outputs(self.outputs, values, as_numpy)
 
@@ -65,6 +66,18 @@ class Engine:
         ins = ", ".join(i.describe() for i in self.inputs)
         outs = ", ".join(o.describe() for o in self.outputs)
         return f"<kiln.Engine on {self.device}: ({ins}) -> ({outs}), {len(self.layers)} layers>"
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 arithmetic without TF32, whatever the process set: the precision the engine promises."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 def _check_device(manifest: dict[str, Any], device: str | None, source: str) -> str:
