@@ -8,6 +8,7 @@ step the lowering also lists the values whose last use it is, so the runtime can
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import onnx_ir as ir
 from kiln.errors import ModelError, UnsupportedOpError
 from kiln.lowering.spec import KernelSpec, ValueType
 from kiln.ops.registry import lookup, normalize_domain
+from kiln.passes.rewrite import SOURCE_OPS_KEY, SOURCES_KEY
 
 
 @dataclass
@@ -145,8 +147,8 @@ class _Lowerer:
             inputs=[v.name if v is not None and v.name else None for v in node.inputs],
             outputs=[v.name or None for v in node.outputs],
             attributes=attributes,
-            sources=[node.name or name],
-            source_ops=[node.op_type],
+            sources=json.loads(node.metadata_props.get(SOURCES_KEY, "null")) or [node.name or name],
+            source_ops=json.loads(node.metadata_props.get(SOURCE_OPS_KEY, "null")) or [node.op_type],
         )
 
     def encode_attribute(self, attr: ir.Attr, key: str, step: str) -> dict[str, Any]:

@@ -5,10 +5,16 @@ the GPU. Importing this package registers every operator.
 """
 
 from kiln.ops import (  # noqa: F401  (imported for their registrations)
+    activation,
     attention,
     control_flow,
     conv,
     elementwise,
+    fused_attention,
+    fused_conv,
+    fused_matmul,
+    fused_norm,
+    fused_pointwise,
     image,
     image_decoder,
     indexing,

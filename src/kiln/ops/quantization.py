@@ -161,13 +161,12 @@ def dynamic_quantize_linear(x):
     return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
 
 
-def _exact_float(depth: int) -> torch.dtype:
-    """A float type holding sums of ``depth`` products of 8-bit differences (<= 255) exactly."""
-    return torch.float32 if depth * 255 * 255 < 2**24 else torch.float64
-
-
-def _shifted(values: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype,
-             zero_point_shape: list[int] | None = None) -> torch.Tensor:
+def _shifted(
+    values: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype,
+    zero_point_shape: list[int] | None = None,
+) -> torch.Tensor:
     """``values - zero_point`` in ``dtype``; a per-channel zero point takes ``zero_point_shape``."""
     values = values.to(dtype)
     if zero_point is None:
@@ -182,7 +181,9 @@ def _integer_matmul(a, b, a_zero_point, b_zero_point) -> torch.Tensor:
 
     A 1-D ``a_zero_point`` holds one value per row of ``a``; a 1-D ``b_zero_point`` one per column.
     """
-    dtype = _exact_float(a.shape[-1])
+    # Every partial sum of products of 8-bit differences (<= 255) is an integer that float32 holds
+    # exactly while the depth keeps it under 2**24, whatever order the matmul sums in.
+    dtype = torch.float32 if a.shape[-1] * 255 * 255 < 2**24 else torch.float64
     a_shifted = _shifted(a, a_zero_point, dtype, [-1, 1])
     b_shifted = _shifted(b, b_zero_point, dtype)
     return torch.matmul(a_shifted, b_shifted).to(torch.int64)
@@ -191,15 +192,15 @@ def _integer_matmul(a, b, a_zero_point, b_zero_point) -> torch.Tensor:
 def _integer_conv(x, w, x_zero_point, w_zero_point, conv_attributes) -> torch.Tensor:
     """The exact int64 convolution of the zero-point-shifted input and weights.
 
-    Runs the registered Conv op, so padding and auto_pad follow it exactly.
+    Runs the registered Conv op, so padding and auto_pad follow it exactly. It runs in float64 and
+    rounds: convolution algorithms (Winograd, FFT) may be inexact even on integer values.
     """
-    dtype = _exact_float(math.prod(w.shape[1:]))
-    x_shifted = _shifted(x, x_zero_point, dtype)
+    x_shifted = _shifted(x, x_zero_point, torch.float64)
     # A 1-D weight zero point holds one value per output channel.
-    w_shifted = _shifted(w, w_zero_point, dtype, [-1] + [1] * (w.dim() - 1))
+    w_shifted = _shifted(w, w_zero_point, torch.float64, [-1] + [1] * (w.dim() - 1))
     conv = lookup("Conv", 11)
     attributes = {k: v for k, v in conv_attributes.items() if v is not None}
-    return conv([x_shifted, w_shifted], attributes, x.device, 1).to(torch.int64)
+    return torch.round(conv([x_shifted, w_shifted], attributes, x.device, 1)).to(torch.int64)
 
 
 def _requantize(accumulator, multiplier, y_zero_point, out_dtype) -> torch.Tensor:

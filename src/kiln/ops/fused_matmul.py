@@ -1,0 +1,3 @@
+"""kiln-domain fused_matmul operator."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""kiln-domain fused_norm operator."""
+
+from __future__ import annotations

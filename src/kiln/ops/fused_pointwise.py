@@ -1,0 +1,3 @@
+"""kiln-domain fused_pointwise operator."""
+
+from __future__ import annotations

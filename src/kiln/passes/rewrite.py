@@ -1,0 +1,193 @@
+"""Rewrite rules: find a subgraph from an anchor node, check it, replace it by new nodes.
+
+A rule is a small class: ``anchor`` names the op type where matching starts (usually the last
+node of the pattern); ``match`` walks producers from there and returns a :class:`Match` or a
+string saying why it did not match; ``rewrite`` builds the replacement nodes. The fused node
+records every ONNX node it came from in its metadata, so ``inspect`` can show them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.passes.base import GraphPass, PassOutcome
+
+KILN_DOMAIN = "kiln"
+KILN_OPSET = 1
+SOURCES_KEY = "kiln.sources"
+SOURCE_OPS_KEY = "kiln.source_ops"
+
+
+@dataclass
+class Match:
+    """The nodes a rule matched (any order) and the values it needs to rewrite them."""
+
+    nodes: list[ir.Node]
+    outputs: list[ir.Value]  # the values of the matched subgraph that the rest of the graph reads
+    bindings: dict[str, Any] = field(default_factory=dict)
+
+
+class RewriteRule(ABC):
+    anchor: str
+    anchor_domain: str = ""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abstractmethod
+    def match(self, node: ir.Node) -> Match | str: ...
+
+    @abstractmethod
+    def rewrite(self, match: Match) -> list[ir.Node]:
+        """New nodes in order; the last node's outputs replace ``match.outputs``, in order."""
+
+
+class RewritePass(GraphPass):
+    """Apply rules to every graph (subgraphs too) until none matches; count matches per rule."""
+
+    def __init__(self, *rules: RewriteRule, name: str | None = None) -> None:
+        self.rules = rules
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name or type(self).__name__
+
+    def __call__(self, model: ir.Model) -> PassOutcome:
+        changes: Counter = Counter()
+        graphs = [model.graph, *_subgraphs(model.graph)]
+        for graph in graphs:
+            for rule in self.rules:
+                changes[rule.name] += _apply(rule, graph)
+        if changes and any(changes.values()):
+            model.opset_imports.setdefault(KILN_DOMAIN, KILN_OPSET)
+        return PassOutcome(model, +changes)
+
+
+def _subgraphs(graph: ir.Graph) -> list[ir.Graph]:
+    found = []
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                found += [attr.value, *_subgraphs(attr.value)]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    found += [sub, *_subgraphs(sub)]
+    return found
+
+
+def _apply(rule: RewriteRule, graph: ir.Graph) -> int:
+    count = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.graph is not graph or node.op_type != rule.anchor or node.domain != rule.anchor_domain:
+                continue
+            found = rule.match(node)
+            if isinstance(found, str) or not is_self_contained(found):
+                continue
+            replace(graph, found, rule.rewrite(found))
+            count += 1
+            changed = True
+    return count
+
+
+def is_self_contained(match: Match) -> bool:
+    """True when only ``match.outputs`` are read outside the matched nodes."""
+    inside = {id(n) for n in match.nodes}
+    exposed = {id(v) for v in match.outputs}
+    for node in match.nodes:
+        for value in node.outputs:
+            if id(value) in exposed:
+                continue
+            if value.is_graph_output() or any(id(user) not in inside for user, _ in value.uses()):
+                return False
+    return True
+
+
+def replace(graph: ir.Graph, match: Match, new_nodes: list[ir.Node]) -> None:
+    """Swap ``match.nodes`` for ``new_nodes``; the new outputs take over the old ones' names."""
+    new_outputs = new_nodes[-1].outputs[: len(match.outputs)]
+    sources, source_ops = sources_of(match.nodes)
+    for node in new_nodes:
+        node.metadata_props[SOURCES_KEY] = json.dumps(sources)
+        node.metadata_props[SOURCE_OPS_KEY] = json.dumps(source_ops)
+    for old, new in zip(match.outputs, new_outputs):
+        new.name, old.name = old.name, None
+        new.type, new.shape = old.type, old.shape
+    ordered = sorted(match.nodes, key=graph.index)
+    insertion_point = ordered[-1]
+    ir.convenience.replace_nodes_and_values(
+        graph, insertion_point, ordered, new_nodes, list(match.outputs), list(new_outputs)
+    )
+
+
+def sources_of(nodes: Iterable[ir.Node]) -> tuple[list[str], list[str]]:
+    """The ONNX nodes behind ``nodes``, in graph order, looking through earlier fusions."""
+    sources, source_ops = [], []
+    for node in nodes:
+        if SOURCES_KEY in node.metadata_props:
+            sources += json.loads(node.metadata_props[SOURCES_KEY])
+            source_ops += json.loads(node.metadata_props[SOURCE_OPS_KEY])
+        else:
+            sources.append(node.name or "")
+            source_ops.append(node.op_type)
+    return sources, source_ops
+
+
+# --- helpers rules share ------------------------------------------------------------------------
+
+def producer(value: ir.Value | None, op_type: str | Sequence[str], domain: str = "") -> ir.Node | None:
+    """The node making ``value`` when it is one of ``op_type`` (in ``domain``), else None."""
+    if value is None:
+        return None
+    node = value.producer()
+    types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
+    if node is None or node.op_type not in types or node.domain != domain:
+        return None
+    return node
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value's contents when it is an initializer or a Constant's output, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """A constant holding one number (any shape of size 1), as a float; else None."""
+    array = constant(value)
+    if array is None or array.size != 1 or array.dtype.kind not in "biuf":
+        return None
+    return float(array.reshape(-1)[0])
+
+
+def kiln_node(op_type: str, inputs: Sequence[ir.Value | None], attributes: dict[str, Any],
+              name: str, num_outputs: int = 1) -> ir.Node:
+    """A node of kiln's fused-op domain."""
+    attrs = [ir.convenience.convert_attribute(k, v) for k, v in attributes.items() if v is not None]
+    return ir.Node(KILN_DOMAIN, op_type, inputs, attrs, num_outputs=num_outputs, name=name)
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer with a name unique in ``graph``."""
+    unique, n = name, 1
+    while unique in graph.initializers:
+        unique, n = f"{name}_{n}", n + 1
+    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
