@@ -2,7 +2,8 @@
 
 A plan graph is ``{"name", "inputs", "outputs", "weights": {value: tensor key},
 "release_unused_inputs", "steps": [...]}``; a step is ``{"name", "op", "domain", "opset",
-"inputs", "outputs", "attributes", "recipe", "release"}`` where graph attributes hold nested plan
+"inputs", "outputs", "input_types", "output_types", "attributes", "recipe", "release"}`` where
+the types are ONNX element type enums (0 when unknown) and graph attributes hold nested plan
 graphs.
 """
 
@@ -43,6 +44,8 @@ def _plan_step(step: Step, recipe_for: RecipeFor) -> dict[str, Any]:
         "opset": step.spec.opset,
         "inputs": step.inputs,
         "outputs": step.outputs,
+        "input_types": [t.dtype if t else 0 for t in step.spec.input_types],
+        "output_types": [t.dtype if t else 0 for t in step.spec.output_types],
         "attributes": attributes,
         "recipe": recipe_for(step.spec),
         "release": step.release,

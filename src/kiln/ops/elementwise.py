@@ -400,10 +400,12 @@ def cast(x, *, to, saturate=1, round_mode="up", _device):
 
 
 @register("CastLike", since=15)
-def cast_like(x, like, *, saturate=1, round_mode="up", _device):
-    # The target is read from like's storage dtype, so a widened type (e.g. uint4 stored as
-    # uint8) is taken for its storage type.
-    to = _T.STRING if isinstance(like, np.ndarray) else element_type(like.dtype).onnx_type
+def cast_like(x, like, *, saturate=1, round_mode="up", _device, _input_types=(0, 0)):
+    # The declared type of `like` tells widened types (uint4 stored as uint8) apart; without one,
+    # its storage dtype is the best guess.
+    to = _input_types[1] or (
+        _T.STRING if isinstance(like, np.ndarray) else element_type(like.dtype).onnx_type
+    )
     return _cast(x, to, bool(saturate), round_mode, _device)
 
 

@@ -3,9 +3,9 @@ quantized-linear MatMul and Conv ops.
 
 Quantized values live in kiln's storage dtypes (see ``dtypes.py``): a uint16 zero point arrives as
 int32, int4/int2 as int8, uint4/uint2 as uint8 and float4e2m1 as float32. QuantizeLinear's output
-type is the ``output_dtype`` attribute when set, otherwise it is read off the zero point's storage
-dtype, which cannot tell the 2- and 4-bit integer types from their 8-bit storage type (nor the
-4/6-bit float types apart): those need ``output_dtype``.
+type is the ``output_dtype`` attribute when set, else the type the model declares for the output,
+else the one the zero point's storage dtype stands for (which cannot tell the 2- and 4-bit integer
+types from their 8-bit storage type, nor the 4/6-bit float types apart).
 
 Integer accumulations run in a float type chosen to hold them exactly, because torch has no integer
 matmul/convolution on every device.
@@ -104,9 +104,11 @@ def _to_float8(x: torch.Tensor, dtype: torch.dtype, saturate: int) -> torch.Tens
     return x.to(dtype)
 
 
-def _quantized_type(y_zero_point: torch.Tensor | None, output_dtype: int) -> int:
+def _quantized_type(y_zero_point: torch.Tensor | None, output_dtype: int, declared: int) -> int:
     if output_dtype:
         return output_dtype
+    if declared:
+        return declared
     if y_zero_point is None:
         return _T.UINT8
     return _TYPE_OF_ZERO_POINT_STORAGE[y_zero_point.dtype]
@@ -115,9 +117,9 @@ def _quantized_type(y_zero_point: torch.Tensor | None, output_dtype: int) -> int
 @register("QuantizeLinear", since=10)
 def quantize_linear(
     x, y_scale, y_zero_point=None, *,
-    axis=1, block_size=0, output_dtype=0, precision=0, saturate=1,
+    axis=1, block_size=0, output_dtype=0, precision=0, saturate=1, _output_types=(0,),
 ):
-    quantized_type = _quantized_type(y_zero_point, output_dtype)
+    quantized_type = _quantized_type(y_zero_point, output_dtype, _output_types[0])
     compute = torch_dtype(precision) if precision else torch.promote_types(
         _as_compute_float(x.dtype), _as_compute_float(y_scale.dtype)
     )

@@ -5,9 +5,11 @@ optional input), attributes as keyword arguments under their ONNX names (default
 function's signature, as in the ONNX spec). It returns one value, or a tuple when the node has
 several outputs. Sequences are Python lists, an empty optional is ``None``.
 
-Two keyword-only parameters are filled in by the caller when a function declares them:
-``_device`` (the torch device to create new tensors on) and ``_num_outputs`` (how many outputs the
-node asks for). Graph attributes arrive as :class:`Subgraph` callables.
+Keyword-only parameters the caller fills in when a function declares them: ``_device`` (the
+torch device to create new tensors on), ``_num_outputs`` (how many outputs the node asks for), and
+``_input_types`` / ``_output_types`` (the ONNX element types the model declares for the node's
+values, 0 where unknown — they tell apart types that share a storage dtype, such as int4 and int8).
+Graph attributes arrive as :class:`Subgraph` callables.
 """
 
 from __future__ import annotations
@@ -38,20 +40,31 @@ class OpImpl:
     op_type: str
     since: int
     fn: Callable[..., Any]
-    wants_device: bool
-    wants_num_outputs: bool
+    wants: frozenset[str]  # which of the caller-filled keyword parameters fn declares
 
-    def __call__(
-        self, inputs: Sequence[Any], attributes: dict[str, Any], device: Any, num_outputs: int
-    ) -> Any:
-        if self.wants_device:
-            attributes = {**attributes, "_device": device}
-        if self.wants_num_outputs:
-            attributes = {**attributes, "_num_outputs": num_outputs}
-        return self.fn(*inputs, **attributes)
+    def bind(
+        self,
+        attributes: dict[str, Any],
+        device: Any,
+        num_outputs: int,
+        input_types: Sequence[int] = (),
+        output_types: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """``attributes`` plus the caller-filled parameters this implementation declares."""
+        provided = {
+            "_device": device,
+            "_num_outputs": num_outputs,
+            "_input_types": tuple(input_types),
+            "_output_types": tuple(output_types),
+        }
+        return {**attributes, **{k: v for k, v in provided.items() if k in self.wants}}
+
+    def __call__(self, inputs: Sequence[Any], bound_attributes: dict[str, Any]) -> Any:
+        return self.fn(*inputs, **bound_attributes)
 
 
 _REGISTRY: dict[tuple[str, str], list[OpImpl]] = {}
+_CALLER_FILLED = frozenset({"_device", "_num_outputs", "_input_types", "_output_types"})
 
 
 def normalize_domain(domain: str | None) -> str:
@@ -71,8 +84,7 @@ def register(
             op_type=op_type,
             since=since,
             fn=fn,
-            wants_device="_device" in parameters,
-            wants_num_outputs="_num_outputs" in parameters,
+            wants=frozenset(parameters) & _CALLER_FILLED,
         )
         versions = _REGISTRY.setdefault((impl.domain, op_type), [])
         if any(v.since == since for v in versions):

@@ -56,13 +56,16 @@ class Program:
         inputs = list(step["inputs"])
         while inputs and inputs[-1] is None:  # trailing omitted inputs are not passed at all
             inputs.pop()
+        impl = launcher(step["recipe"], step["op"], step["domain"], step["opset"], step["name"])
         return _BoundStep(
             name=step["name"],
             op=step["op"],
-            impl=launcher(step["recipe"], step["op"], step["domain"], step["opset"], step["name"]),
+            impl=impl,
             inputs=inputs,
             outputs=step["outputs"],
-            attributes=attributes,
+            attributes=impl.bind(
+                attributes, self.device, len(step["outputs"]), step["input_types"], step["output_types"]
+            ),
             graphs=graphs,
             release=step["release"],
         )
@@ -77,7 +80,7 @@ class Program:
             if step.graphs:
                 attributes = {**attributes, **_bind_graphs(step.graphs, env)}
             try:
-                result = step.impl(args, attributes, self.device, len(step.outputs))
+                result = step.impl(args, attributes)
             except (RuntimeError, ValueError, IndexError, TypeError) as error:
                 raise ShapeError(
                     f"layer {step.name!r} ({step.op}) failed: {error}".splitlines()[0]
