@@ -50,6 +50,11 @@ class Engine:
     def layers(self) -> list[dict[str, Any]]:
         return self._data.manifest["layers"]
 
+    @property
+    def build_report(self) -> list[dict[str, Any]]:
+        """Per optimization pass: name, node counts before and after, matches per rule, seconds."""
+        return self._data.manifest["build"]["passes"]
+
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
         with torch.inference_mode(), strict_fp32():
