@@ -137,7 +137,7 @@ def attention(
     probs = _softmax_stepwise(biased.to(softmax_dtype))
     if bias is not None:
         fully_masked = torch.isneginf(bias.amax(dim=-1, keepdim=True))
-        probs = torch.where(fully_masked, torch.zeros((), dtype=probs.dtype, device=q.device), probs)
+        probs = torch.where(fully_masked, torch.zeros_like(probs), probs)
     probs = probs.to(q.dtype)
     y = torch.matmul(probs, _share_kv_heads(v, heads))
     if packed:

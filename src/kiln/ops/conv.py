@@ -245,12 +245,8 @@ def _windows(padded: torch.Tensor, p: _Pooling) -> torch.Tensor:
 
 
 def _window_sums(padded: torch.Tensor, p: _Pooling) -> torch.Tensor:
-    """Sum over each window, as a convolution of every channel with a kernel of ones."""
-    n_batch, channels, *sizes = padded.shape
-    ones = torch.ones(1, 1, *p.kernel, dtype=padded.dtype, device=padded.device)
-    planes = padded.reshape(n_batch * channels, 1, *sizes)
-    sums = _CONV[len(sizes)](planes, ones, stride=p.strides, dilation=p.dilations)
-    return sums.reshape(n_batch, channels, *sums.shape[2:])
+    # Summed over a strided view rather than by a convolution with ones, which TF32 may round.
+    return _windows(padded, p).sum(dim=tuple(range(-len(p.kernel), 0)))
 
 
 def _padded_for_pooling(x: torch.Tensor, p: _Pooling, value: float) -> torch.Tensor:
@@ -282,12 +278,12 @@ def max_pool(
         return _MAX_POOL[len(p.kernel)](padded, p.kernel, p.strides, 0, p.dilations)
     # Integer inputs (which torch's max pooling lacks on some devices) and Indices: by windows.
     flat_windows = _windows(padded, p).flatten(2 + len(p.kernel))
-    values, where = flat_windows.max(dim=-1)
+    values, argmax = flat_windows.max(dim=-1)
     if not wants_indices:
         return values
     positions = _padded_for_pooling(_positions(x, storage_order), p, -1)
     indices = _windows(positions, p).flatten(2 + len(p.kernel))
-    return values, torch.gather(indices, -1, where.unsqueeze(-1)).squeeze(-1)
+    return values, torch.gather(indices, -1, argmax.unsqueeze(-1)).squeeze(-1)
 
 
 @register("AveragePool", since=1)
@@ -301,7 +297,8 @@ def average_pool(
     # padding with count_include_pad; never the room added for ceil_mode.
     counted = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
     counted = _pad_spatial(counted, p.begin, p.end, float(count_include_pad))
-    counted = _pad_spatial(counted, [0] * len(p.end), [pe - e for pe, e in zip(p.padded_end, p.end)])
+    ceil_room = [pe - e for pe, e in zip(p.padded_end, p.end)]
+    counted = _pad_spatial(counted, [0] * len(p.end), ceil_room)
     return sums / _window_sums(counted, p)
 
 

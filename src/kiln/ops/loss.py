@@ -20,9 +20,10 @@ def _negative_log_likelihood(
     reduction: str,
 ) -> torch.Tensor:
     target = target.long()
-    ignored = (
-        target == ignore_index if ignore_index is not None else torch.zeros_like(target, dtype=torch.bool)
-    )
+    if ignore_index is None:
+        ignored = torch.zeros_like(target, dtype=torch.bool)
+    else:
+        ignored = target == ignore_index
     # Ignored targets may name no class at all: gather class 0 for them, then weigh them 0.
     safe_target = torch.where(ignored, torch.zeros_like(target), target)
     picked = -log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
@@ -42,6 +43,8 @@ def negative_log_likelihood_loss(x, target, weight=None, *, ignore_index=None, r
 
 
 @register("SoftmaxCrossEntropyLoss", since=12)
-def softmax_cross_entropy_loss(scores, labels, weights=None, *, ignore_index=None, reduction="mean"):
+def softmax_cross_entropy_loss(
+    scores, labels, weights=None, *, ignore_index=None, reduction="mean"
+):
     log_prob = torch.log_softmax(scores, dim=1)
     return _negative_log_likelihood(log_prob, labels, weights, ignore_index, reduction), log_prob

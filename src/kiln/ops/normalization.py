@@ -8,6 +8,7 @@ The statistics of LayerNormalization/RMSNormalization/GroupNormalization are com
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -39,7 +40,7 @@ def _register_softmax_like(op: str) -> None:
         if x.numel() == 0:
             return x
         axis %= max(x.dim(), 1)
-        rows = int(np.prod(x.shape[:axis]))
+        rows = math.prod(x.shape[:axis])
         return along_axis(x.reshape(rows, -1), 1).reshape(x.shape)
 
     def single_axis(x, *, axis=-1):

@@ -19,7 +19,8 @@ import torch
 from onnx import TensorProto
 
 from kiln.ops.dtypes import torch_dtype
-from kiln.ops.registry import lookup, register
+from kiln.ops.conv import conv as onnx_conv
+from kiln.ops.registry import register
 
 _T = TensorProto
 
@@ -200,9 +201,8 @@ def _integer_conv(x, w, x_zero_point, w_zero_point, conv_attributes) -> torch.Te
     x_shifted = _shifted(x, x_zero_point, torch.float64)
     # A 1-D weight zero point holds one value per output channel.
     w_shifted = _shifted(w, w_zero_point, torch.float64, [-1] + [1] * (w.dim() - 1))
-    conv = lookup("Conv", 11)
     attributes = {k: v for k, v in conv_attributes.items() if v is not None}
-    return torch.round(conv([x_shifted, w_shifted], attributes, x.device, 1)).to(torch.int64)
+    return torch.round(onnx_conv(x_shifted, w_shifted, **attributes)).to(torch.int64)
 
 
 def _requantize(accumulator, multiplier, y_zero_point, out_dtype) -> torch.Tensor:

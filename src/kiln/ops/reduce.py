@@ -28,29 +28,19 @@ def _axes_list(axes: torch.Tensor | Sequence[int] | None) -> list[int]:
 def _resolve_axes(
     data: torch.Tensor, axes: torch.Tensor | Sequence[int] | None, noop_with_empty_axes: int
 ) -> tuple[int, ...]:
-    """Normalized, sorted axes to reduce; () means "reduce nothing"."""
+    """Normalized, sorted axes to reduce; () means "reduce nothing" (as for a scalar)."""
     listed = _axes_list(axes)
+    if data.dim() == 0 or (not listed and noop_with_empty_axes):
+        return ()
     if not listed:
-        return () if noop_with_empty_axes else tuple(range(data.dim()))
-    return tuple(sorted({a % data.dim() if data.dim() else 0 for a in listed}))
+        return tuple(range(data.dim()))
+    return tuple(sorted({a % data.dim() for a in listed}))
 
 
 def _reduced_shape(data: torch.Tensor, axes: tuple[int, ...], keepdims: int) -> list[int]:
     if keepdims:
         return [1 if i in axes else n for i, n in enumerate(data.shape)]
     return [n for i, n in enumerate(data.shape) if i not in axes]
-
-
-def _apply(
-    reduce: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor],
-    data: torch.Tensor,
-    axes: tuple[int, ...],
-    keepdims: int,
-) -> torch.Tensor:
-    """``reduce(data, axes)`` keeping the reduced axes, then dropping them unless keepdims."""
-    if not axes or data.dim() == 0:
-        return data
-    return reduce(data, axes).reshape(_reduced_shape(data, axes, keepdims))
 
 
 def _sum(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -70,7 +60,8 @@ def _extreme(x: torch.Tensor, axes: tuple[int, ...], largest: bool) -> torch.Ten
             _reduced_shape(x, axes, 1), _identity_of_extreme(x.dtype, largest), dtype=x.dtype,
             device=x.device,
         )
-    return torch.amax(x, dim=axes, keepdim=True) if largest else torch.amin(x, dim=axes, keepdim=True)
+    extreme = torch.amax if largest else torch.amin
+    return extreme(x, dim=axes, keepdim=True)
 
 
 def _identity_of_extreme(dtype: torch.dtype, largest: bool) -> bool | int | float:
@@ -134,7 +125,8 @@ def _reduce(
     resolved = _resolve_axes(data, axes, noop_with_empty_axes)
     if not resolved:
         return _ELEMENTWISE_PART.get(op, lambda x: x)(data)
-    return _apply(_REDUCTIONS[op], data, resolved, keepdims)
+    # Each reduction keeps the reduced axes; keepdims decides whether they stay.
+    return _REDUCTIONS[op](data, resolved).reshape(_reduced_shape(data, resolved, keepdims))
 
 
 def _register_reduce(op: str, axes_input_since: int) -> None:
