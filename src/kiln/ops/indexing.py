@@ -9,12 +9,22 @@ import math
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from kiln.ops.registry import register
 from kiln.ops.shape import ints, is_strings, moves_strings, normalize_axis
 
 # ONNX reduction names as torch's scatter_reduce names them.
 _SCATTER_REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+_INT64_SIGN_BIT = -(2**63)
+
+
+def _unsigned_order(x: torch.Tensor, onnx_type: int) -> torch.Tensor:
+    """uint64 is stored as int64: flipping the sign bit makes the signed order the unsigned one.
+
+    Flipping again restores the values.
+    """
+    return x ^ _INT64_SIGN_BIT if onnx_type == TensorProto.UINT64 else x
 
 
 def _wrap_negative(indices: torch.Tensor, size: int | torch.Tensor) -> torch.Tensor:
@@ -125,28 +135,31 @@ def compress(input, condition, *, axis=None):
     return input.index_select(axis, kept)
 
 
-def _top_k(X, k: int, axis: int, largest: int):
+def _top_k(X, k: int, axis: int, largest: int, x_type: int):
     # A stable sort keeps equal values in index order, as ONNX requires; torch.topk does not.
-    order = torch.sort(X, dim=axis, descending=bool(largest), stable=True)
-    return order.values.narrow(axis, 0, k), order.indices.narrow(axis, 0, k)
+    order = torch.sort(_unsigned_order(X, x_type), dim=axis, descending=bool(largest), stable=True)
+    values = _unsigned_order(order.values.narrow(axis, 0, k), x_type)
+    return values, order.indices.narrow(axis, 0, k)
 
 
 @register("TopK", since=1)
-def top_k_v1(X, *, k, axis=-1):
-    return _top_k(X, k, axis, largest=1)
+def top_k_v1(X, *, k, axis=-1, _input_types=(0,)):
+    return _top_k(X, k, axis, 1, _input_types[0])
 
 
 @register("TopK", since=10)
-def top_k(X, K, *, axis=-1, largest=1, sorted=1):  # unsorted order is unspecified: sorted is fine
-    return _top_k(X, ints(K)[0], axis, largest)
+def top_k(X, K, *, axis=-1, largest=1, sorted=1, _input_types=(0, 0)):
+    # The order of an unsorted result is unspecified, so a sorted one is fine.
+    return _top_k(X, ints(K)[0], axis, largest, _input_types[0])
 
 
 @register("Unique", since=11)
-def unique(X, *, axis=None, sorted=1):
+def unique(X, *, axis=None, sorted=1, _input_types=(0,)):
     if is_strings(X):  # work on the strings' ranks, then look the unique ones up
         table, codes = np.unique(X.reshape(-1), return_inverse=True)
         Y, *rest = unique(torch.from_numpy(codes.reshape(X.shape)), axis=axis, sorted=sorted)
         return (table[Y.numpy().reshape(-1)].reshape(tuple(Y.shape)), *rest)
+    X = _unsigned_order(X, _input_types[0])
     if axis is None:
         X, axis = X.reshape(-1), 0
     axis = normalize_axis(axis, X.dim())
@@ -161,7 +174,7 @@ def unique(X, *, axis=None, sorted=1):
         rank[order] = torch.arange(order.numel(), device=X.device)
         Y, first, counts = Y.index_select(axis, order), first[order], counts[order]
         inverse = rank[inverse]
-    return Y, first, inverse, counts
+    return _unsigned_order(Y, _input_types[0]), first, inverse, counts
 
 
 def _scan(x, axis, exclusive: int, reverse: int, scan, identity: int):
