@@ -125,10 +125,10 @@ def replace(graph: ir.Graph, match: Match, new_nodes: list[ir.Node]) -> None:
     for old, new in zip(match.outputs, new_outputs):
         new.name, old.name = old.name, None
         new.type, new.shape = old.type, old.shape
-    ordered = sorted(match.nodes, key=graph.index)
-    insertion_point = ordered[-1]
+    inside = {id(n) for n in match.nodes}
+    ordered = [node for node in graph if id(node) in inside]  # one scan: Graph.index is linear too
     ir.convenience.replace_nodes_and_values(
-        graph, insertion_point, ordered, new_nodes, list(match.outputs), list(new_outputs)
+        graph, ordered[-1], ordered, new_nodes, list(match.outputs), list(new_outputs)
     )
 
 
