@@ -159,8 +159,11 @@ def producer(value: ir.Value | None, op_type: str | Sequence[str], domain: str =
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's contents when it is an initializer or a Constant's output, else None."""
-    if value is None:
+    """The value's contents when it is an initializer or a Constant's output, else None.
+
+    An initializer that is also a graph input is not constant: callers may override it.
+    """
+    if value is None or value.is_graph_input():
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
