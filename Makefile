@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint-imports gpu-test clean
+.PHONY: demo test lint gpu-test clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 demo: $(INSTALLED)
 	$(BIN)/python examples/demo.py
 
-test: $(INSTALLED) lint-imports
+test: $(INSTALLED) lint
 	$(BIN)/python -m pytest -n 2 -q tests
 
-lint-imports: $(INSTALLED)
+lint: $(INSTALLED)
+	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/lint-imports
 
 # On a machine with a CUDA GPU: the GPU-marked tests and the node suite on cuda.

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from kiln.ops.activation import GELU_TANH_CUBIC, SQRT_2_OVER_PI
-from kiln.passes.rewrite import Match, RewritePass, RewriteRule, constant, kiln_node, producer, scalar
+from kiln.passes.rewrite import (
+    Match,
+    RewritePass,
+    RewriteRule,
+    clip_bounds,
+    constant,
+    kiln_node,
+    producer,
+    scalar,
+)
 
 # Exporters round constants (1.4142 for sqrt(2)); closer than this counts as equal.
 _RELATIVE_TOLERANCE = 1e-4
@@ -124,22 +133,6 @@ def _plus(value: ir.Value, number: float) -> tuple[ir.Value, ir.Node] | None:
     if _near(scalar(a), number):
         return b, node
     return None
-
-
-def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    """Clip's (min, max) when both are constant (a missing one is infinite), else None."""
-    if "min" in node.attributes or "max" in node.attributes:  # Clip before opset 11
-        return node.attributes.get_float("min", -math.inf), node.attributes.get_float("max", math.inf)
-    bounds = []
-    for index, default in ((1, -math.inf), (2, math.inf)):
-        bound = node.inputs[index] if len(node.inputs) > index else None
-        if bound is None:
-            bounds.append(default)
-        elif (number := scalar(bound)) is not None:
-            bounds.append(number)
-        else:
-            return None
-    return bounds[0], bounds[1]
 
 
 def _min_max_bound(value: ir.Value, op_type: str) -> tuple[ir.Value, float, ir.Node] | None:

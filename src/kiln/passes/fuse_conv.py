@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from kiln.ops.activation import ACTIVATIONS
-from kiln.passes.fuse_activations import clip_bounds
 from kiln.passes.rewrite import (
     KILN_DOMAIN,
+    activation_of,
     Match,
     RewritePass,
     RewriteRule,
@@ -135,25 +134,6 @@ class FuseConvResidual(RewriteRule):
         conv = match.bindings["conv"]
         after = 1 if conv.attributes.get_string("activation", "") else 0
         return [_fused_conv(conv, match.bindings["residual"], residual_after_activation=after)]
-
-
-def activation_of(node: ir.Node) -> tuple[str, list[float]] | str:
-    """(name, params) of the activation ``node`` computes, in :data:`ACTIVATIONS`' terms, or why not."""
-    attributes = node.attributes
-    if node.domain == KILN_DOMAIN and node.op_type == "Activation":
-        params = list(attributes.get_floats("activation_params", []))
-        return attributes.get_string("activation", ""), params
-    if node.domain != "" or node.op_type not in ACTIVATIONS:
-        return f"{node.op_type} is not an activation"
-    if node.op_type == "Clip":
-        bounds = clip_bounds(node)
-        return ("Clip", list(bounds)) if bounds else "Clip bounds are not constant"
-    params = {
-        "LeakyRelu": [attributes.get_float("alpha", 0.01)],
-        "Elu": [attributes.get_float("alpha", 1.0)],
-        "HardSigmoid": [attributes.get_float("alpha", 0.2), attributes.get_float("beta", 0.5)],
-    }
-    return node.op_type, params.get(node.op_type, [])
 
 
 class FuseConvActivation(RewriteRule):

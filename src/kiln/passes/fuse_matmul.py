@@ -9,21 +9,22 @@ that order, each to its fixpoint, and each extends a MatMul or an already fused 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from kiln.ops.activation import ACTIVATIONS
 from kiln.passes.rewrite import (
+    ACTIVATION_OPS,
     KILN_DOMAIN,
     Match,
     RewritePass,
     RewriteRule,
+    activation_of,
     constant,
+    is_float,
     kiln_node,
     producer,
-    scalar,
+    same_shape,
 )
 
 FUSED = "FusedMatMul"
@@ -80,10 +81,6 @@ class FusedProduct:
         return kiln_node(FUSED, inputs, attributes, name)
 
 
-def is_float(value: ir.Value | None) -> bool:
-    return value is not None and value.dtype is not None and value.dtype.is_floating_point()
-
-
 def _weight_matmul(node: ir.Node) -> tuple[FusedProduct, list[ir.Node]] | str:
     """A MatMul whose B is a constant matrix, or the transpose of one (torch's exported Linear)."""
     a, b = node.inputs
@@ -119,70 +116,6 @@ def _output_columns(product: FusedProduct, output: ir.Value) -> int | None:
         columns = product.b.shape[0 if product.trans_b else 1]
         return columns if isinstance(columns, int) else None
     return None
-
-
-def same_shape(x: ir.Value, y: ir.Value) -> bool:
-    """True when both shapes are known and equal dimension by dimension (named dims by name)."""
-    if x.shape is None or y.shape is None or x.shape.rank() != y.shape.rank():
-        return False
-    return all(
-        p == q and not (isinstance(p, ir.SymbolicDim) and p.value is None)
-        for p, q in zip(x.shape, y.shape)
-    )
-
-
-# --- activations ---------------------------------------------------------------------------------
-
-_PLAIN = {"Relu", "Sigmoid", "Tanh", "HardSwish", "Softplus", "Mish"}
-_GELU_BY_APPROXIMATION = {"none": "Gelu", "tanh": "GeluTanh"}
-
-
-def _clip_bounds(node: ir.Node) -> list[float] | str:
-    """Clip's bounds: attributes before opset 11, optional constant inputs from 11 on."""
-    attrs = node.attributes
-    bounds = [attrs.get_float("min", -math.inf), attrs.get_float("max", math.inf)]
-    for i, bound in enumerate(node.inputs[1:3]):
-        if bound is not None:
-            value = scalar(bound)
-            if value is None:
-                return f"{node.name}: Clip bounds are not constant scalars"
-            bounds[i] = value
-    return bounds
-
-
-def activation_of(node: ir.Node) -> tuple[str, list[float]] | str:
-    """The node as a name of :data:`ACTIVATIONS` and its parameters, or why it is not one."""
-    attrs = node.attributes
-    if node.domain == KILN_DOMAIN and node.op_type == "Activation":
-        name = attrs.get_string("activation", "")
-        if name not in ACTIVATIONS:
-            return f"{node.name}: unknown activation {name!r}"
-        return name, list(attrs.get_floats("activation_params", []))
-    if node.domain != "":
-        return f"{node.name}: {node.domain}::{node.op_type} is not an activation"
-    if node.op_type in _PLAIN:
-        return node.op_type, []
-    if node.op_type == "LeakyRelu":
-        return "LeakyRelu", [attrs.get_float("alpha", 0.01)]
-    if node.op_type == "Elu":
-        return "Elu", [attrs.get_float("alpha", 1.0)]
-    if node.op_type == "HardSigmoid":
-        return "HardSigmoid", [attrs.get_float("alpha", 0.2), attrs.get_float("beta", 0.5)]
-    if node.op_type == "Gelu":
-        approximation = attrs.get_string("approximate", "none")
-        if approximation not in _GELU_BY_APPROXIMATION:
-            return f"{node.name}: Gelu approximation {approximation!r} is unknown"
-        return _GELU_BY_APPROXIMATION[approximation], []
-    if node.op_type == "Clip":
-        bounds = _clip_bounds(node)
-        return bounds if isinstance(bounds, str) else ("Clip", bounds)
-    return f"{node.name}: {node.op_type} is not an activation"
-
-
-ACTIVATION_OPS = [
-    ("", op) for op in ("Relu", "LeakyRelu", "Elu", "Clip", "Sigmoid", "HardSigmoid", "Tanh",
-                        "Gelu", "HardSwish", "Softplus", "Mish")
-] + [(KILN_DOMAIN, "Activation")]
 
 
 # --- rules ---------------------------------------------------------------------------------------

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from kiln.passes.fuse_matmul import is_float, same_shape
 from kiln.passes.rewrite import (
     KILN_DOMAIN,
     Match,
     RewritePass,
     RewriteRule,
     constant,
+    is_float,
     kiln_node,
     producer,
+    same_shape,
     scalar,
 )
 

@@ -9,6 +9,7 @@ records every ONNX node it came from in its metadata, so ``inspect`` can show th
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from kiln.ops.activation import ACTIVATIONS
 from kiln.passes.base import GraphPass, PassOutcome
 
 KILN_DOMAIN = "kiln"
@@ -194,3 +196,71 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)
     return value
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype is not None and value.dtype.is_floating_point()
+
+
+def same_shape(x: ir.Value, y: ir.Value) -> bool:
+    """True when both shapes are known and equal dimension by dimension (named dims by name)."""
+    if x.shape is None or y.shape is None or x.shape.rank() != y.shape.rank():
+        return False
+    return all(
+        p == q and not (isinstance(p, ir.SymbolicDim) and p.value is None)
+        for p, q in zip(x.shape, y.shape)
+    )
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """Clip's (min, max) when both are constant (a missing one is infinite), else None."""
+    if "min" in node.attributes or "max" in node.attributes:  # Clip before opset 11
+        return node.attributes.get_float("min", -math.inf), node.attributes.get_float("max", math.inf)
+    bounds = []
+    for index, default in ((1, -math.inf), (2, math.inf)):
+        bound = node.inputs[index] if len(node.inputs) > index else None
+        if bound is None:
+            bounds.append(default)
+        elif (number := scalar(bound)) is not None:
+            bounds.append(number)
+        else:
+            return None
+    return bounds[0], bounds[1]
+
+
+# ONNX activations epilogue fusions absorb, and kiln::Activation from the activation rules.
+ACTIVATION_OPS = [
+    ("", op) for op in ("Relu", "LeakyRelu", "Elu", "Clip", "Sigmoid", "HardSigmoid", "Tanh",
+                        "Gelu", "HardSwish", "Softplus", "Mish")
+] + [(KILN_DOMAIN, "Activation")]
+_PLAIN_ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "HardSwish", "Softplus", "Mish"}
+_GELU_BY_APPROXIMATION = {"none": "Gelu", "tanh": "GeluTanh"}
+
+
+def activation_of(node: ir.Node) -> tuple[str, list[float]] | str:
+    """The node as a name of :data:`ACTIVATIONS` and its parameters, or why it is not one."""
+    attrs = node.attributes
+    if node.domain == KILN_DOMAIN and node.op_type == "Activation":
+        name = attrs.get_string("activation", "")
+        if name not in ACTIVATIONS:
+            return f"{node.name}: unknown activation {name!r}"
+        return name, list(attrs.get_floats("activation_params", []))
+    if node.domain != "":
+        return f"{node.name}: {node.domain}::{node.op_type} is not an activation"
+    if node.op_type in _PLAIN_ACTIVATIONS:
+        return node.op_type, []
+    if node.op_type == "LeakyRelu":
+        return "LeakyRelu", [attrs.get_float("alpha", 0.01)]
+    if node.op_type == "Elu":
+        return "Elu", [attrs.get_float("alpha", 1.0)]
+    if node.op_type == "HardSigmoid":
+        return "HardSigmoid", [attrs.get_float("alpha", 0.2), attrs.get_float("beta", 0.5)]
+    if node.op_type == "Gelu":
+        approximation = attrs.get_string("approximate", "none")
+        if approximation not in _GELU_BY_APPROXIMATION:
+            return f"{node.name}: Gelu approximation {approximation!r} is unknown"
+        return _GELU_BY_APPROXIMATION[approximation], []
+    if node.op_type == "Clip":
+        bounds = clip_bounds(node)
+        return ("Clip", list(bounds)) if bounds else f"{node.name}: Clip bounds are not constant"
+    return f"{node.name}: {node.op_type} is not an activation"

@@ -12,9 +12,9 @@ import torch
 from kiln.engine import format as engine_format
 from kiln.engine.format import EngineData
 from kiln.errors import EngineCompatibilityError, EngineFormatError
-from kiln.ops.dtypes import to_torch
 from kiln.runtime.executor import Program, string_tensor
 from kiln.runtime.io import TensorInfo, bind_inputs, export_outputs
+from kiln.runtime.timing import COMPUTE, DEVICE_TO_HOST, HOST_TO_DEVICE, RUN_START, Timeline
 
 
 class Engine:
@@ -55,11 +55,19 @@ class Engine:
         """Per optimization pass: name, node counts before and after, matches per rule, seconds."""
         return self._data.manifest["build"]["passes"]
 
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, inputs: Mapping[str, Any], timeline: Timeline | None = None) -> dict[str, Any]:
+        """Run on ``inputs``; ``timeline`` (see :mod:`kiln.runtime.timing`) times the run."""
+        mark = timeline.mark if timeline is not None else _no_mark
+        layer_timeline = timeline if timeline is not None and timeline.layers else None
+        mark(RUN_START)
         bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
+        mark(HOST_TO_DEVICE)
         with torch.inference_mode(), strict_fp32():
-            values = self._program.run(self._program.new_env(bound))
-        return export_outputs(self.outputs, values, as_numpy)
+            values = self._program.run(self._program.new_env(bound), layer_timeline)
+        mark(COMPUTE)
+        outputs = export_outputs(self.outputs, values, as_numpy)
+        mark(DEVICE_TO_HOST)
+        return outputs
 
     def save(self, path: str | os.PathLike) -> None:
         engine_format.save(self._data, path)
@@ -71,6 +79,10 @@ class Engine:
         ins = ", ".join(i.describe() for i in self.inputs)
         outs = ", ".join(o.describe() for o in self.outputs)
         return f"<kiln.Engine on {self.device}: ({ins}) -> ({outs}), {len(self.layers)} layers>"
+
+
+def _no_mark(label: str) -> None:
+    pass
 
 
 @contextlib.contextmanager
