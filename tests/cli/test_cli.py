@@ -24,7 +24,7 @@ def model_file(tmp_path):
 @pytest.fixture
 def engine_file(tmp_path, model_file):
     path = tmp_path / "mlp.kiln"
-    assert main(["build", str(model_file), "-o", str(path), "--device", "cpu"]) == 0
+    assert main(["build", str(model_file), "-o", str(path), "--device", "cpu", "--opt-level", "0"]) == 0
     return path
 
 
@@ -53,8 +53,19 @@ def test_inspect_json(engine_file, capsys):
         assert key in info
     assert info["layers"][0] == {
         "name": "matmul", "op": "MatMul", "sources": ["matmul"], "source_ops": ["MatMul"],
-        "precision": "fp32", "choice": "ops",
+        "precision": "fp32", "choice": "ops", "custom": False,
     }
+
+
+def test_inspect_json_lists_fused_sources(model_file, tmp_path, capsys):
+    engine = tmp_path / "fused.kiln"
+    assert main(["build", str(model_file), "-o", str(engine), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(engine), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    fused = [layer for layer in layers if layer["op"] == "kiln::FusedMatMul"]
+    assert len(fused) == 1 and fused[0]["sources"] == ["matmul", "bias", "relu"]
+    assert fused[0]["source_ops"] == ["MatMul", "Add", "Relu"]
 
 
 def test_inspect_table(engine_file, capsys):

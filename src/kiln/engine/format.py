@@ -59,7 +59,7 @@ def _digest(manifest_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def dumps(engine: EngineData) -> bytes:
-    tensors = {name: t.detach().cpu().contiguous() for name, t in engine.tensors.items()}
+    tensors = _unshared({name: t.detach().cpu().contiguous() for name, t in engine.tensors.items()})
     manifest = {
         **engine.manifest,
         "format_version": FORMAT_VERSION,
@@ -76,6 +76,20 @@ def dumps(engine: EngineData) -> bytes:
         _DIGEST_KEY: _digest(manifest_json, tensors),
     }
     return st_save(stored, metadata=metadata)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies where tensors share memory (one constant used in several places): safetensors
+    stores each tensor on its own."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        result[name] = tensor
+    return result
 
 
 def loads(blob: bytes, source: str = "engine") -> EngineData:

@@ -20,6 +20,14 @@ from onnx_ir.passes import common
 
 from kiln.errors import ModelError
 from kiln.passes.base import GraphPass, IrPass
+from kiln.passes.fold_batchnorm import fold_batchnorm
+from kiln.passes.fuse_activations import fuse_activations
+from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.fuse_conv import fuse_conv
+from kiln.passes.fuse_matmul import fuse_matmul
+from kiln.passes.fuse_norm import fuse_norm
+from kiln.passes.fuse_pointwise import group_pointwise
+from kiln.passes.simplify import simplify
 
 
 def cleanup() -> list[GraphPass]:
@@ -34,7 +42,16 @@ def cleanup() -> list[GraphPass]:
 
 def passes_for(opt_level: int) -> list[GraphPass]:
     """Fresh instances of the passes of ``opt_level``, in order."""
-    return cleanup()
+    passes = cleanup()
+    if opt_level >= 1:
+        passes += simplify()  # shapes first: folding and the fusions' checks read them
+    if opt_level >= 2:
+        passes += [fold_batchnorm(), fuse_activations(), fuse_norm()]
+    if opt_level >= 3:
+        passes += [fuse_attention(), fuse_matmul(), fuse_conv(), group_pointwise()]
+    if opt_level >= 1:
+        passes += cleanup()  # what the rewrites left behind: replaced weights, shape glue
+    return passes
 
 
 @dataclass(frozen=True)
