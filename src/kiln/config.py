@@ -17,10 +17,14 @@ class BuildConfig:
 
     device: ``"cpu"`` or ``"cuda"``; ``None`` picks cuda when a GPU is visible, else cpu.
     opt_level: 0 (cleanup only) to 5; 3 is the default.
+    debug_outputs: also expose every top-level layer's outputs as engine outputs, named as the
+        ONNX values they replace, so ``kiln compare --layerwise`` can find the first layer that
+        diverges. Costs memory: no intermediate value is released.
     """
 
     device: str | None = None
     opt_level: int = 3
+    debug_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.device is not None and self.device not in DEVICES:

@@ -1,21 +1,31 @@
-"""``kiln build MODEL -o ENGINE``: build an engine file from an ONNX model."""
+"""``kiln build MODEL -o ENGINE``: build an engine file from an ONNX model, showing progress.
+
+The build's phases (import, passes, lowering, choices, plan) and the writing of the file show as
+progress bars on a terminal; ``--log-json`` prints their events as JSON lines instead, ``--quiet``
+nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 import kiln
+from kiln.cli.progress import JsonLines, PhaseDisplay
 from kiln.config import DEVICES
+from kiln.engine.progress import phase
+from kiln.frontend.tensorflow import is_saved_model
 
 HELP = "build an engine from an ONNX model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ONNX model file")
+    parser.add_argument("model", help="ONNX model file, or a TensorFlow SavedModel directory")
     parser.add_argument("-o", "--output", required=True, help="engine file to write (.kiln)")
     parser.add_argument("--device", choices=DEVICES, help="target device (default: cuda if present)")
     parser.add_argument(
@@ -26,19 +36,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", action="store_true",
         help="print each pass: node counts before and after, and matches per rule",
     )
+    parser.add_argument(
+        "--debug-outputs", action="store_true",
+        help="also output every layer's results (for `kiln compare --layerwise --engine`)",
+    )
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    shown.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="also print each phase's summary as it ends, and kiln's log",
+    )
+    shown.add_argument(
+        "--log-json", action="store_true",
+        help="print each phase event as one JSON object per line on stdout, instead of progress bars",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    engine = kiln.build(args.model, device=args.device, opt_level=args.opt_level)
-    engine.save(args.output)
+    with _renderer(args) as progress:
+        build = kiln.from_tensorflow if is_saved_model(args.model) else kiln.build
+        engine = build(
+            args.model, device=args.device, opt_level=args.opt_level,
+            debug_outputs=args.debug_outputs, progress=progress,
+        )
+        with phase(progress, "write") as current:
+            engine.save(args.output)
+            current.detail = f"{Path(args.output).stat().st_size / 2**20:.1f} MiB"
     if args.report:
         Console().print(report_table(engine.build_report))
-    Console(stderr=True).print(
-        f"built [bold]{args.output}[/] for {engine.device.type}: {len(engine.layers)} layers "
-        f"in {time.perf_counter() - start:.2f} s"
-    )
+    if not args.quiet:
+        Console(stderr=True).print(
+            f"built [bold]{args.output}[/] for {engine.device.type}: {len(engine.layers)} layers "
+            f"in {time.perf_counter() - start:.2f} s"
+        )
     return 0
+
+
+def _renderer(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """A context giving the progress callback (None when quiet: the build reports to no one)."""
+    if args.quiet:
+        return contextlib.nullcontext()
+    if args.log_json:
+        return JsonLines()
+    return PhaseDisplay(verbose=args.verbose)
 
 
 def report_table(passes: list[dict]) -> Table:

@@ -1,22 +1,52 @@
-"""``kiln inspect ENGINE``: what an engine holds — signature, device, versions and layers."""
+"""``kiln inspect ENGINE``: what an engine holds — signature, device, versions and layers.
+
+With ``--profile`` it also runs the engine and times each layer (median over the runs), showing
+each one's time and share of the whole; ``--plot`` draws that as a bar chart (PNG or HTML).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+import kiln
+from kiln.cli.options import add_input_arguments, inputs_for
+from kiln.cli.plot import plot_profile, top_layers
 from kiln.engine import format as engine_format
+from kiln.runtime import Timeline
+from kiln.runtime.timing import COMPUTE, DEVICE_TO_HOST, HOST_TO_DEVICE
 
-HELP = "show an engine's inputs, outputs, target and layers"
+HELP = "show an engine's inputs, outputs, target and layers; profile its layers"
+NOT_LAYERS = (HOST_TO_DEVICE, COMPUTE, DEVICE_TO_HOST)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("engine", help="engine file (.kiln)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    profiling = parser.add_argument_group("profiling")
+    profiling.add_argument(
+        "--profile", action="store_true", help="run the engine and time each layer"
+    )
+    profiling.add_argument(
+        "--plot", type=Path, metavar="FILE.png|FILE.html",
+        help="draw the profile as a bar chart (implies --profile)",
+    )
+    profiling.add_argument(
+        "--iterations", type=int, default=20, metavar="N", help="timed runs (20)"
+    )
+    profiling.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed runs first (5)")
+    profiling.add_argument(
+        "--top", type=int, default=20, metavar="N",
+        help="show the N slowest layers, the rest as 'other' (20)",
+    )
+    profiling.add_argument("--device", choices=("cpu", "cuda"), help="device to load the engine on")
+    add_input_arguments(parser)
 
 
 def describe(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -30,15 +60,68 @@ def describe(manifest: dict[str, Any]) -> dict[str, Any]:
         "model": manifest.get("model", {}),
         "build": manifest.get("build", {}),
         "layers": manifest["layers"],
+        "custom_ops": manifest.get("custom_ops", []),  # to register (kiln.custom_op) before loading
+    }
+
+
+def profile(engine: kiln.Engine, feed: dict[str, Any], iterations: int, warmup: int) -> dict[str, Any]:
+    """Per layer, in execution order: median time over ``iterations`` runs and share of the total."""
+    for _ in range(warmup):
+        engine.run(feed)
+    timeline = Timeline(engine.device, layers=True)
+    for _ in range(max(iterations, 1)):
+        engine.run(feed, timeline)
+    runs = [[span.seconds for span in run if span.label not in NOT_LAYERS] for run in timeline.runs()]
+    medians = [statistics.median(times) * 1e3 for times in zip(*runs)]
+    total = sum(medians)
+    layers = [
+        {
+            "index": index,
+            "name": layer["name"],
+            "op": layer["op"],
+            "precision": layer["precision"],
+            "choice": layer["choice"],
+            "ms": round(ms, 6),
+            "share": round(ms / total, 6) if total > 0 else 0.0,
+        }
+        for index, (layer, ms) in enumerate(zip(engine.layers, medians))
+    ]
+    return {
+        "device": engine.device.type,
+        "iterations": len(runs),
+        "inputs": {name: list(getattr(value, "shape", ())) for name, value in feed.items()},
+        "total_ms": round(total, 6),
+        "layers": layers,
     }
 
 
 def main(args: argparse.Namespace) -> int:
-    # Inspecting needs no device: the manifest is read without binding the plan.
-    info = describe(engine_format.load(args.engine).manifest)
+    if args.profile or args.plot:
+        engine = kiln.load(args.engine, device=args.device)
+        info = describe(engine.manifest)
+        info["profile"] = profile(engine, inputs_for(engine.inputs, args), args.iterations, args.warmup)
+        if args.plot:
+            result = info["profile"]
+            plot_profile(result["layers"], args.plot, _plot_title(args.engine, result), args.top)
+    else:
+        # Inspecting alone needs no device: the manifest is read without binding the plan.
+        info = describe(engine_format.load(args.engine).manifest)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    _print(args, info)
+    return 0
+
+
+def _plot_title(engine: str, result: dict[str, Any]) -> str:
+    inputs = ", ".join(f"{n}[{'x'.join(map(str, s))}]" for n, s in result["inputs"].items())
+    return (
+        f"{Path(engine).name} on {result['device']}, {inputs}: {result['total_ms']:.3f} ms over "
+        f"{len(result['layers'])} layers (median of {result['iterations']} runs)"
+    )
+
+
+def _print(args: argparse.Namespace, info: dict[str, Any]) -> None:
     console = Console()
     target = info["device"]
     console.print(
@@ -66,4 +149,27 @@ def main(args: argparse.Namespace) -> int:
         )
         layers.add_row(str(index), layer["name"], layer["op"], sources, layer["precision"], layer["choice"])
     console.print(layers)
-    return 0
+    if "profile" in info:
+        console.print(_profile_table(info["profile"], args.top))
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+
+
+def _profile_table(result: dict[str, Any], top: int) -> Table:
+    table = Table(title=_profile_title(result))
+    for column in ("#", "layer", "op", "precision", "ms", "share", ""):
+        table.add_column(column, justify="right" if column in ("#", "ms", "share") else "left")
+    for row in top_layers(result["layers"], top):
+        bar = "█" * max(1, round(row["share"] * 30)) if row["share"] > 0 else ""
+        table.add_row(
+            str(row.get("index", "")), row["name"], row["op"], row["precision"],
+            f"{row['ms']:.4f}", f"{row['share']:.1%}", bar,
+        )
+    return table
+
+
+def _profile_title(result: dict[str, Any]) -> str:
+    return (
+        f"layer profile on {result['device']}: {result['total_ms']:.3f} ms in all, "
+        f"median of {result['iterations']} runs"
+    )

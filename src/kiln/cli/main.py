@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from kiln.cli import build, inspect, run
+from kiln.cli import bench, build, compare, debug, inspect, run, serve
 from kiln.errors import KilnError
 
-COMMANDS = {"build": build, "run": run, "inspect": inspect}
+COMMANDS = {
+    "build": build, "run": run, "bench": bench, "compare": compare, "inspect": inspect,
+    "debug": debug, "serve": serve,
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.set_defaults(handler=module.main)
+        # usage_error: for a handler's own checks of argument combinations (exits 2).
+        sub.set_defaults(handler=module.main, usage_error=sub.error)
     return top
 
 
@@ -39,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kiln {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`kiln build --log-json | head`): stop quietly, and keep
+        # Python from failing again as it flushes stdout on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

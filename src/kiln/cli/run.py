@@ -33,15 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     engine = kiln.load(args.engine, device=args.device)
-    given = dict(_parse_input(spec) for spec in args.input)
-    shapes = parse_shapes(args.shapes)
-    rng = np.random.default_rng(args.seed)
-    inputs = {
-        info.name: given[info.name] if info.name in given else random_input(info, shapes, rng)
-        for info in engine.inputs
-    }
-    inputs.update({k: v for k, v in given.items() if k not in inputs})  # let run() name strays
-    outputs = engine.run(inputs)
+    outputs = engine.run(make_inputs(engine.inputs, args.input, args.shapes, args.seed))
     table = Table(title=f"outputs of {args.engine}")
     for column in ("name", "dtype", "shape", "min", "max", "mean"):
         table.add_column(column, justify="right" if column in ("min", "max", "mean") else "left")
@@ -52,6 +44,21 @@ def main(args: argparse.Namespace) -> int:
             np.save(args.output_dir / f"{name}.npy", value)
     Console().print(table)
     return 0
+
+
+def make_inputs(
+    signature: list[TensorInfo], input_specs: list[str], shapes_text: str, seed: int
+) -> dict[str, Any]:
+    """Inputs from ``NAME=FILE.npy`` specs, random ones (of ``--shapes``) for the rest."""
+    given = dict(_parse_input(spec) for spec in input_specs)
+    shapes = parse_shapes(shapes_text)
+    rng = np.random.default_rng(seed)
+    inputs = {
+        info.name: given[info.name] if info.name in given else random_input(info, shapes, rng)
+        for info in signature
+    }
+    inputs.update({k: v for k, v in given.items() if k not in inputs})  # let run() name strays
+    return inputs
 
 
 def _parse_input(spec: str) -> tuple[str, np.ndarray]:

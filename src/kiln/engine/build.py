@@ -5,21 +5,25 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from kiln.config import BuildConfig
 from kiln.engine.format import EngineData
 from kiln.engine.plan import layer_info, plan_graph
+from kiln.engine.progress import ProgressCallback, phase
 from kiln.errors import BuildError
 from kiln.frontend.onnx import ModelSource, load_onnx
-from kiln.lowering import LoweredModel, lower
+from kiln.lowering import LoweredGraph, LoweredModel, lower
 from kiln.lowering.spec import KernelSpec, ValueType
 from kiln.ops.dtypes import element_type, to_torch
 from kiln.passes import optimize
+from kiln.passes.pipeline import count_nodes
 from kiln.tune import select_choice
 
 log = logging.getLogger("kiln.build")
@@ -34,50 +38,91 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def build_engine(model: ModelSource, config: BuildConfig) -> EngineData:
+def build_engine(
+    model: ModelSource, config: BuildConfig, progress: ProgressCallback | None = None
+) -> EngineData:
+    """Build ``model`` with ``config``, reporting each phase to ``progress`` when given."""
     start = time.perf_counter()
     device = resolve_device(config.device)
-    ir_model = load_onnx(model)
-    ir_model, pass_records = optimize(ir_model, config.opt_level)
-    lowered = lower(ir_model)
+    with phase(progress, "import") as current:
+        ir_model = load_onnx(model)
+        current.detail = f"{count_nodes(ir_model)} nodes"
+    with phase(progress, "passes") as current:
+        ir_model, pass_records = optimize(ir_model, config.opt_level)
+        if pass_records:
+            current.detail = (
+                f"{len(pass_records)} passes, {pass_records[0].nodes_before} -> "
+                f"{pass_records[-1].nodes_after} nodes"
+            )
+    if config.debug_outputs:
+        _expose_layer_outputs(ir_model.graph)
+    with phase(progress, "lowering") as current:
+        lowered = lower(ir_model)
+        current.detail = f"{len(lowered.graph.steps)} layers"
 
+    specs = list(dict.fromkeys(_specs(lowered.graph)))
     recipes: dict[KernelSpec, dict[str, Any]] = {}
-
-    def recipe_for(spec: KernelSpec) -> dict[str, Any]:
-        if spec not in recipes:
+    with phase(progress, "choices", total=len(specs)) as current:
+        for spec in specs:
             recipes[spec] = select_choice(spec, device).recipe(spec)
-        return recipes[spec]
+            current.advance(spec.op_type)
+        current.detail = f"{len(specs)} distinct kernel specs"
 
-    plan = plan_graph(lowered.graph, recipe_for)
-    tensors, string_tensors = _split_tensors(lowered)
-    manifest = {
-        "kiln_version": _version("kiln"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "target": _target(device),
-        "versions": _library_versions(),
-        "precision": PRECISION,
-        "opt_level": config.opt_level,
-        "model": {
-            "graph_name": ir_model.graph.name,
-            "producer": f"{ir_model.producer_name or ''} {ir_model.producer_version or ''}".strip(),
-            "opset_imports": lowered.opset_imports,
-        },
-        "signature": {
-            "inputs": _signature(lowered.graph.inputs, lowered.graph.input_types),
-            "outputs": _signature(lowered.graph.outputs, lowered.graph.output_types),
-        },
-        "plan": plan,
-        "layers": [
-            layer_info(step, recipe_for(step.spec), PRECISION) for step in lowered.graph.steps
-        ],
-        "string_tensors": string_tensors,
-        "build": {
-            "seconds": round(time.perf_counter() - start, 3),
-            "passes": [record.__dict__ for record in pass_records],
-        },
-    }
+    with phase(progress, "plan"):
+        plan = plan_graph(lowered.graph, recipes.__getitem__)
+        tensors, string_tensors = _split_tensors(lowered)
+        manifest = {
+            "kiln_version": _version("kiln"),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "target": _target(device),
+            "versions": _library_versions(),
+            "precision": PRECISION,
+            "opt_level": config.opt_level,
+            "model": {
+                "graph_name": ir_model.graph.name,
+                "producer": _producer(ir_model),
+                "opset_imports": lowered.opset_imports,
+            },
+            "signature": {
+                "inputs": _signature(lowered.graph.inputs, lowered.graph.input_types),
+                "outputs": _signature(lowered.graph.outputs, lowered.graph.output_types),
+            },
+            "plan": plan,
+            "layers": [
+                layer_info(step, recipes[step.spec], PRECISION) for step in lowered.graph.steps
+            ],
+            "string_tensors": string_tensors,
+            "debug_outputs": config.debug_outputs,
+            "build": {
+                "seconds": round(time.perf_counter() - start, 3),
+                "passes": [record.__dict__ for record in pass_records],
+            },
+        }
     log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
     return EngineData(manifest=manifest, tensors=tensors)
+
+
+def _producer(model: ir.Model) -> str:
+    return f"{model.producer_name or ''} {model.producer_version or ''}".strip()
+
+
+def _expose_layer_outputs(graph: ir.Graph) -> None:
+    """Make every top-level node's named outputs graph outputs too (after the model's own)."""
+    exposed = {value.name for value in graph.outputs}
+    for node in graph:
+        for value in node.outputs:
+            if value.name and value.name not in exposed:
+                graph.outputs.append(value)
+                exposed.add(value.name)
+
+
+def _specs(graph: LoweredGraph) -> Iterator[KernelSpec]:
+    """Every step's spec, subgraphs included, in execution order."""
+    for step in graph.steps:
+        yield step.spec
+        for encoded in step.attributes.values():
+            for subgraph in [encoded["graph"]] if "graph" in encoded else encoded.get("graphs", []):
+                yield from _specs(subgraph)
 
 
 def _split_tensors(lowered: LoweredModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

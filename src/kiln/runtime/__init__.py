@@ -2,5 +2,6 @@
 
 from kiln.runtime.engine import Engine, from_bytes, load
 from kiln.runtime.io import TensorInfo
+from kiln.runtime.timing import Timeline
 
-__all__ = ["Engine", "TensorInfo", "from_bytes", "load"]
+__all__ = ["Engine", "TensorInfo", "Timeline", "from_bytes", "load"]

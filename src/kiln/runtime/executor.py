@@ -13,6 +13,7 @@ import torch
 from kiln.errors import EngineFormatError, ShapeError
 from kiln.kernels.launch import launcher
 from kiln.ops.registry import OpImpl
+from kiln.runtime.timing import Timeline
 
 
 @dataclass
@@ -70,8 +71,11 @@ class Program:
             release=step["release"],
         )
 
-    def run(self, env: MutableMapping[str, Any]) -> list[Any]:
-        """Run on ``env`` (graph inputs, and enclosing scopes for subgraphs); return the outputs."""
+    def run(self, env: MutableMapping[str, Any], timeline: Timeline | None = None) -> list[Any]:
+        """Run on ``env`` (graph inputs, and enclosing scopes for subgraphs); return the outputs.
+
+        ``timeline``, when given, is marked with each step's name as the step ends.
+        """
         for name in self.release_unused_inputs:
             env.pop(name, None)
         for step in self.steps:
@@ -93,6 +97,8 @@ class Program:
                 env[step.outputs[0]] = result
             for name in step.release:
                 env.pop(name, None)
+            if timeline is not None:
+                timeline.mark(step.name)
         try:
             return [env[name] for name in self.outputs]
         except KeyError as missing:
