@@ -32,6 +32,9 @@ from kiln.ops import (  # noqa: F401  (imported for their registrations)
     text,
     training,
 )
+from kiln.ops.custom import custom_op
 from kiln.ops.registry import OpImpl, Subgraph, lookup, register, registered_ops, supported_opsets
 
-__all__ = ["OpImpl", "Subgraph", "lookup", "register", "registered_ops", "supported_opsets"]
+__all__ = [
+    "OpImpl", "Subgraph", "custom_op", "lookup", "register", "registered_ops", "supported_opsets",
+]

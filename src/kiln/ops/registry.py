@@ -64,7 +64,7 @@ class OpImpl:
 
 
 _REGISTRY: dict[tuple[str, str], list[OpImpl]] = {}
-_CALLER_FILLED = frozenset({"_device", "_num_outputs", "_input_types", "_output_types"})
+CALLER_FILLED = frozenset({"_device", "_num_outputs", "_input_types", "_output_types"})
 
 
 def normalize_domain(domain: str | None) -> str:
@@ -73,9 +73,13 @@ def normalize_domain(domain: str | None) -> str:
 
 
 def register(
-    op_type: str, *, since: int = 1, domain: str = DEFAULT_DOMAIN
+    op_type: str, *, since: int = 1, domain: str = DEFAULT_DOMAIN, replace: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registration's ``since``."""
+    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registration's ``since``.
+
+    ``replace`` lets a registration of the same opset take the place of the earlier one (custom
+    ops, whose notebook cells are re-run); without it a second registration is a mistake.
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         parameters = inspect.signature(fn).parameters
@@ -84,11 +88,13 @@ def register(
             op_type=op_type,
             since=since,
             fn=fn,
-            wants=frozenset(parameters) & _CALLER_FILLED,
+            wants=frozenset(parameters) & CALLER_FILLED,
         )
         versions = _REGISTRY.setdefault((impl.domain, op_type), [])
         if any(v.since == since for v in versions):
-            raise ValueError(f"{domain or 'ai.onnx'}::{op_type} opset {since} registered twice")
+            if not replace:
+                raise ValueError(f"{domain or 'ai.onnx'}::{op_type} opset {since} registered twice")
+            versions[:] = [v for v in versions if v.since != since]
         versions.append(impl)
         versions.sort(key=lambda v: v.since)
         return fn
@@ -112,8 +118,10 @@ def lookup(op_type: str, opset: int, domain: str = DEFAULT_DOMAIN, node_name: st
     shown = f"{domain or 'ai.onnx'}::{op_type}"
     if not versions:
         raise UnsupportedOpError(
-            f"{where}operator {shown} (opset {opset}) is not implemented by kiln; "
-            "replace it in the model with operators kiln implements"
+            f"{where}operator {shown} (opset {opset}) is not implemented by kiln; replace it in "
+            "the model with operators kiln implements, or give it a Python implementation with "
+            f"@kiln.custom_op({domain!r}, {op_type!r}), registered in the process that builds "
+            "and in every process that loads the engine"
         )
     raise UnsupportedOpError(
         f"{where}operator {shown} at opset {opset} is not implemented by kiln; "
