@@ -15,7 +15,7 @@ from kiln import errors
 from kiln.config import BuildConfig
 from kiln.engine.progress import ProgressCallback, ProgressEvent
 from kiln.frontend.onnx import ModelSource
-from kiln.ops.custom import custom_op, is_custom_op
+from kiln.ops.custom import custom_op
 from kiln.runtime import Engine, TensorInfo, Timeline, load
 from kiln.runtime.module import CALL_KEY, CompiledModule, load_module
 
@@ -112,29 +112,4 @@ def _build_engine_data(
 ) -> EngineData:
     from kiln.engine.build import build_engine  # the compiler loads only when building
 
-    data = build_engine(model, config, progress)
-    _record_custom_ops(data.manifest)
-    return data
-
-
-def _record_custom_ops(manifest: dict[str, Any]) -> None:
-    """List the custom ops an engine needs registered where it loads, and mark their layers."""
-    used = {
-        (step["domain"], step["op"], step["opset"])
-        for step in _plan_steps(manifest["plan"])
-        if is_custom_op(step["domain"], step["op"])
-    }
-    manifest["custom_ops"] = [{"domain": d, "op": op, "opset": v} for d, op, v in sorted(used)]
-    for layer, step in zip(manifest["layers"], manifest["plan"]["steps"]):
-        layer["custom"] = is_custom_op(step["domain"], step["op"])
-
-
-def _plan_steps(graph: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every step of a plan graph, those of its subgraphs (If, Loop, Scan bodies) included."""
-    steps = []
-    for step in graph["steps"]:
-        steps.append(step)
-        for encoded in step["attributes"].values():
-            for subgraph in [encoded["graph"]] if "graph" in encoded else encoded.get("graphs", []):
-                steps.extend(_plan_steps(subgraph))
-    return steps
+    return build_engine(model, config, progress)

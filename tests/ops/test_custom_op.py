@@ -14,7 +14,9 @@ import kiln
 from kiln.cli.main import main
 from kiln.errors import ConfigError, UnsupportedOpError
 from kiln.ops import custom, registry
+from kiln.frontend import load_onnx
 from kiln.ops.custom import custom_shape
+from kiln.passes.pipeline import optimize
 
 DOMAIN = "kiln.test"
 
@@ -147,6 +149,26 @@ def test_shape_function_is_kept_for_shape_inference(isolated):
     assert custom_shape(DOMAIN, "Swish")((3, "batch"), beta=2.0) == (3, "batch")
     register_swish()
     assert custom_shape(DOMAIN, "Swish") is None
+
+
+def test_shape_function_drives_symbolic_shape_inference(isolated):
+    @kiln.custom_op(DOMAIN, "Stack2", shape=lambda x: (x[0], x[1] * 2 if isinstance(x[1], int) else None))
+    def stack2(x):
+        return torch.cat([x, x], dim=-1)
+
+    graph = helper.make_graph(
+        [helper.make_node("Stack2", ["x"], ["doubled"], domain=DOMAIN),
+         helper.make_node("Relu", ["doubled"], ["y"])],
+        "stack2",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "width"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    inferred, _ = optimize(load_onnx(model), opt_level=1)
+    doubled = next(n for n in inferred.graph if n.op_type == "Stack2").outputs[0]
+    assert [d if isinstance(d, int) else d.value for d in doubled.shape] == ["batch", 8]
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(kiln.build(model, device="cpu").run({"x": x})["y"], np.maximum(np.concatenate([x, x], -1), 0))
 
 
 @pytest.mark.parametrize("domain, op_type, message", [

@@ -21,6 +21,7 @@ from kiln.errors import BuildError
 from kiln.frontend.onnx import ModelSource, load_onnx
 from kiln.lowering import LoweredGraph, LoweredModel, lower
 from kiln.lowering.spec import KernelSpec, ValueType
+from kiln.ops.custom import is_custom_op
 from kiln.ops.dtypes import element_type, to_torch
 from kiln.passes import optimize
 from kiln.passes.pipeline import count_nodes
@@ -98,6 +99,7 @@ def build_engine(
                 "passes": [record.__dict__ for record in pass_records],
             },
         }
+    _record_custom_ops(manifest)
     log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
     return EngineData(manifest=manifest, tensors=tensors)
 
@@ -177,3 +179,26 @@ def _library_versions() -> dict[str, str | None]:
         "onnx_ir": _version("onnx-ir"),
         "triton": _version("triton"),
     }
+
+
+def _record_custom_ops(manifest: dict[str, Any]) -> None:
+    """List the custom ops an engine needs registered where it loads, and mark their layers."""
+    used = {
+        (step["domain"], step["op"], step["opset"])
+        for step in _plan_steps(manifest["plan"])
+        if is_custom_op(step["domain"], step["op"])
+    }
+    manifest["custom_ops"] = [{"domain": d, "op": op, "opset": v} for d, op, v in sorted(used)]
+    for layer, step in zip(manifest["layers"], manifest["plan"]["steps"]):
+        layer["custom"] = is_custom_op(step["domain"], step["op"])
+
+
+def _plan_steps(graph: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step of a plan graph, those of its subgraphs (If, Loop, Scan bodies) included."""
+    steps = []
+    for step in graph["steps"]:
+        steps.append(step)
+        for encoded in step["attributes"].values():
+            for subgraph in [encoded["graph"]] if "graph" in encoded else encoded.get("graphs", []):
+                steps.extend(_plan_steps(subgraph))
+    return steps

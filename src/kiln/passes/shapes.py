@@ -31,6 +31,7 @@ import sympy
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from sympy.printing.str import StrPrinter
 
+from kiln.ops.custom import ShapeFunction, custom_shape
 from kiln.passes.base import GraphPass, PassOutcome
 from kiln.passes.rewrite import KILN_DOMAIN, initializer
 
@@ -338,7 +339,29 @@ def _shape_rule(node: ir.Node) -> ShapeRule | None:
         return SHAPE_RULES.get(node.op_type)
     if node.domain == KILN_DOMAIN:
         return KILN_SHAPE_RULES.get(node.op_type, _same_as_first)
-    return None
+    function = custom_shape(node.domain, node.op_type)
+    return None if function is None else _custom_rule(function)
+
+
+def _custom_rule(function: ShapeFunction) -> ShapeRule:
+    """A custom op's shape function (dims as ints or names) as a symbolic rule."""
+
+    def rule(a: ShapeAnalysis, node: ir.Node) -> list[Dims | None]:
+        shapes = []
+        for value in node.inputs:
+            dims = a.shape(value)
+            shapes.append(None if dims is None else tuple(
+                int(d) if d.is_Integer else dim_name(d) for d in dims
+            ))
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        result = function(*shapes, **attributes)
+        outputs = result if isinstance(result, list) else [result]
+        return [
+            None if shape is None else [sympy.Integer(d) if isinstance(d, int) else parse_dim(d) for d in shape]
+            for shape in outputs
+        ]
+
+    return rule
 
 
 # --- helpers --------------------------------------------------------------------------------------
