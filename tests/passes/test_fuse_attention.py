@@ -277,13 +277,14 @@ def test_bert_attention_with_padding_mask(optimize):
 
 @OPTIMIZE
 def test_vit_attention_written_out_and_by_sdpa(optimize):
-    """timm splits heads with one permute of the qkv projection, so K, Q, V enter heads-first."""
+    """timm splits heads with one permute of the packed qkv projection: the whole block, head split
+    and merge included, becomes one attention on the packed projection."""
     original = exported("vit", optimize)
     fused, changes = fuse(original)
-    assert changes == {"FuseScaledDotProductAttention": 2}
+    assert changes == {"FuseScaledDotProductAttention": 2, "FusePackedQkvAttention": 2}
     assert "Softmax" not in op_types(fused)
     assert attentions(fused) == [{"num_heads": HEADS, "scale": pytest.approx(HEAD_DIM ** -0.5),
-                                  "causal": 0, "mask_kind": "none", "layout": "bhsd",
+                                  "causal": 0, "mask_kind": "none", "layout": "bsd_packed",
                                   "masked_rows": "nan"}] * 2
     assert_matches_ort(fused, original)
 

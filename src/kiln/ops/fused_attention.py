@@ -85,7 +85,9 @@ def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0
         q, k, v = (_split_heads(t, num_heads) for t in (q, k, v))
     if mask_kind == "none":
         mask = None
-    elif causal:
+    elif mask.dim() < 2:  # a scalar or per-key bias: give it the query axis SDPA expects
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
+    if mask is not None and causal:
         mask = _with_causal(mask, q.shape[-2], k.shape[-2], causal_fill, q.dtype)
     if mask is not None and mask.dtype != torch.bool:
         mask = _raise_floor(mask)

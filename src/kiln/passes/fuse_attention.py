@@ -21,7 +21,7 @@ only fed the matched nodes (scale and causal-mask arithmetic, Reshape targets) g
 
 timm's ViT splits heads differently: one projection [b, s, 3*h*d] is reshaped to [b, s, 3, h, d],
 permuted (2, 0, 3, 1, 4) and unbound along its first axis into Q, K and V (a Gather of each
-index, or Squeeze of a Slice or of a Split's outputs).
+index, or Squeeze of a Slice, of a Split's outputs or of a SplitToSequence's items).
 
 Rules, in order: :class:`FuseMultiHeadAttention` (split + attention + merge, ``layout="bsd"``),
 :class:`FuseScaledDotProductAttention` (the attention alone, ``layout="bhsd"``),
@@ -724,7 +724,8 @@ class _Part:
 
 def _part_of_three(value: ir.Value) -> _Part | None:
     """``value`` as unbind(0) of a tensor of 3 along axis 0 exports it: Gather of a scalar index,
-    or Squeeze(axis 0) of a one-wide Slice, of a Split into ones or of a Gather of one index."""
+    or Squeeze(axis 0) of a one-wide Slice, of a Split into ones, of a Gather of one index or of
+    an item of a SplitToSequence into ones."""
     gather = producer(value, "Gather")
     if gather is not None:
         index = constant(gather.inputs[1])
@@ -736,9 +737,11 @@ def _part_of_three(value: ir.Value) -> _Part | None:
     if squeeze is None or _squeezed_axes(squeeze) not in ([0], [-5]):
         return None
     kept = squeeze.inputs[0]
-    node = producer(kept, ("Slice", "Split", "Gather"))
+    node = producer(kept, ("Slice", "Split", "Gather", "SequenceAt"))
     if node is None:
         return None
+    if node.op_type == "SequenceAt":
+        return _sequence_item(node, squeeze)
     if node.op_type == "Slice":
         index = _sliced_one(node)
     elif node.op_type == "Split":
@@ -753,6 +756,22 @@ def _squeezed_axes(squeeze: ir.Node) -> list[Dim] | None:
         return _shape_values(squeeze.inputs[1])
     axes = squeeze.attributes.get_ints("axes")  # before opset 13
     return None if axes is None else list(axes)
+
+
+def _sequence_item(item: ir.Node, squeeze: ir.Node) -> _Part | None:
+    """``item`` = SequenceAt(SplitToSequence(x) into ones along axis 0 that keep the axis, i)."""
+    split = producer(item.inputs[0], "SplitToSequence")
+    position = constant(item.inputs[1])
+    if split is None or position is None or position.shape != () or not -3 <= position < 3:
+        return None
+    # keepdims=1: the axis stays whether or not the sizes are given (the spec then ignores it).
+    attrs = split.attributes
+    if attrs.get_int("axis", 0) not in FIRST_OF_FIVE or attrs.get_int("keepdims", 1) != 1:
+        return None
+    if len(split.inputs) > 1 and split.inputs[1] is not None \
+            and _shape_values(split.inputs[1]) not in ([1], [1, 1, 1]):
+        return None
+    return _Part(split.inputs[0], int(position) % 3, [split, item, squeeze])
 
 
 def _sliced_one(node: ir.Node) -> int | None:

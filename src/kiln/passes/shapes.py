@@ -821,10 +821,18 @@ SHAPE_RULES: dict[str, ShapeRule] = {
 
 # Shapes of kiln's fused ops; an op not listed has its first input's shape. FusedMatMul is MatMul
 # with an epilogue (A's batch dims + N), FusedConv is Conv with one, Attention gives Q's shape.
+def _attention(a: ShapeAnalysis, node: ir.Node) -> list[Dims | None]:
+    """Q's shape; a packed [b, s, 3*h*d] projection gives [b, s, h*d]."""
+    dims = a.shape(node.inputs[0])
+    if dims is None or _attr(node, "layout", "bsd") != "bsd_packed":
+        return [dims]
+    return [[*dims[:-1], dims[-1] / 3]]
+
+
 KILN_SHAPE_RULES: dict[str, ShapeRule] = {
     "FusedMatMul": _matmul,
     "FusedConv": _conv,
-    "Attention": _same_as_first,
+    "Attention": _attention,
 }
 
 
