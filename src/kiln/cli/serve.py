@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from kiln.serve import ServeError, Server, ServerOptions, run
+if TYPE_CHECKING:
+    from kiln.serve import Server
 
 HELP = "serve a model repository over the KServe v2 protocol (HTTP, gRPC) with dynamic batching"
 
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # The server's libraries (grpc, aiohttp, the protocol stubs) load only when serving.
+    from kiln.serve import ServeError, ServerOptions, run
+
     try:
         options = ServerOptions(
             host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,

@@ -87,6 +87,9 @@ def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0
         mask = None
     elif mask.dim() < 2:  # a scalar or per-key bias: give it the query axis SDPA expects
         mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
+    if mask is not None and mask.shape[-1] != k.shape[-2]:
+        # A mask broadcast along the keys: SDPA's CUDA kernels need that axis in memory.
+        mask = mask.expand(*mask.shape[:-1], k.shape[-2]).contiguous()
     if mask is not None and causal:
         mask = _with_causal(mask, q.shape[-2], k.shape[-2], causal_fill, q.dtype)
     if mask is not None and mask.dtype != torch.bool:
