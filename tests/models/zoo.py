@@ -7,10 +7,12 @@ the encoder, dynamic batch and sequence dimensions.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -223,22 +225,31 @@ class GPT2(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()
 
 
-def export(model: nn.Module, example: tuple, path: Path, input_names: list[str],
-           dynamic: dict[str, dict[int, str]]) -> Path:
-    """Export with torch's ONNX exporter, dynamic dimensions named as given."""
+def export_proto(module: nn.Module, example: tuple, input_names: list[str],
+                 dynamic: dict[str, dict[int, str]], optimize: bool = False,
+                 dim_range: tuple[int, int] = (1, 4096)) -> onnx.ModelProto:
+    """``module`` through torch's dynamo exporter; the dimensions named in ``dynamic`` (input name
+    -> {axis: name}) stay dynamic within ``dim_range``, one name being one dimension."""
     torch.manual_seed(0)
-    model.eval()
     symbols: dict[str, torch.export.Dim] = {}
     dims = tuple(
-        {axis: symbols.setdefault(sym, torch.export.Dim(sym, min=1, max=4096))
+        {axis: symbols.setdefault(sym, torch.export.Dim(sym, min=dim_range[0], max=dim_range[1]))
          for axis, sym in dynamic.get(name, {}).items()}
         for name in input_names
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model, example, dynamo=True, input_names=input_names, dynamic_shapes=dims,
-            optimize=False, verbose=False,
-        )
-    program.save(str(path))
+        logging.disable(logging.WARNING)  # the exporter reports its progress through logging
+        try:
+            program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=input_names,
+                                        dynamic_shapes=dims, optimize=optimize, verbose=False)
+        finally:
+            logging.disable(logging.NOTSET)
+    return program.model_proto
+
+
+def export(model: nn.Module, example: tuple, path: Path, input_names: list[str],
+           dynamic: dict[str, dict[int, str]]) -> Path:
+    """Export to ``path`` (see :func:`export_proto`)."""
+    onnx.save(export_proto(model, example, input_names, dynamic), path)
     return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -17,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kiln
 from kiln.frontend.onnx import load_onnx
 from kiln.passes.base import GraphPass
+from tests.models import zoo
 from kiln.passes.shapes import parse_dim
 
 MAX_RELATIVE_ERROR = 1e-4
@@ -133,22 +132,7 @@ def assert_shapes_hold(inferred: ir.Model, original: onnx.ModelProto,
 def export(module: torch.nn.Module, example: tuple, names: list[str],
            dynamic: dict[str, dict[int, str]], optimize: bool = False) -> onnx.ModelProto:
     """``module`` through torch's dynamo exporter, dimensions named in ``dynamic`` left dynamic."""
-    torch.manual_seed(0)
-    symbols: dict[str, torch.export.Dim] = {}
-    dims = tuple(
-        {axis: symbols.setdefault(sym, torch.export.Dim(sym, min=2, max=1024))
-         for axis, sym in dynamic.get(name, {}).items()}
-        for name in names
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)  # the exporter reports its progress through logging
-        try:
-            program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=names,
-                                        dynamic_shapes=dims, optimize=optimize, verbose=False)
-        finally:
-            logging.disable(logging.NOTSET)
-    return program.model_proto
+    return zoo.export_proto(module, example, names, dynamic, optimize, dim_range=(2, 1024))
 
 
 def without_inner_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
