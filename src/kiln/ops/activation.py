@@ -39,6 +39,22 @@ def apply_activation(x: torch.Tensor, activation: str, params: Sequence[float] |
     return ACTIVATIONS[activation](x, params or ())
 
 
+def apply_epilogue(
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    activation: str,
+    params: Sequence[float] | None,
+    residual_after_activation: int,
+) -> torch.Tensor:
+    """A fused layer's epilogue: ``act(y + r)``, or ``act(y) + r`` when the residual comes after."""
+    if residual is not None and not residual_after_activation:
+        y = y + residual
+    y = apply_activation(y, activation, params)
+    if residual is not None and residual_after_activation:
+        y = y + residual
+    return y
+
+
 @register("Activation", domain=KILN)
 def activation(x: torch.Tensor, *, activation: str, activation_params: list[float] | None = None):
     return apply_activation(x, activation, activation_params)

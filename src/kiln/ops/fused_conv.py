@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops.activation import KILN, apply_activation
+from kiln.ops.activation import KILN, apply_epilogue
 from kiln.ops.conv import conv
 from kiln.ops.registry import register
 
@@ -25,9 +25,4 @@ def fused_conv(
 ) -> torch.Tensor:
     y = conv(x, w, b, auto_pad=auto_pad, dilations=dilations, group=group,
              kernel_shape=kernel_shape, pads=pads, strides=strides)
-    if r is not None and not residual_after_activation:
-        y = y + r
-    y = apply_activation(y, activation, activation_params)
-    if r is not None and residual_after_activation:
-        y = y + r
-    return y
+    return apply_epilogue(y, r, activation, activation_params, residual_after_activation)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops.activation import KILN, apply_activation
+from kiln.ops.activation import KILN, apply_epilogue
 from kiln.ops.registry import register
 
 
@@ -23,9 +23,4 @@ def fused_matmul(a, b, bias=None, residual=None, *, trans_a=0, trans_b=0, alpha=
         y = y * alpha
     if bias is not None:
         y = y + (bias * beta if beta != 1.0 else bias)
-    if residual is not None and not residual_after_activation:
-        y = y + residual
-    y = apply_activation(y, activation, activation_params)
-    if residual is not None and residual_after_activation:
-        y = y + residual
-    return y
+    return apply_epilogue(y, residual, activation, activation_params, residual_after_activation)
