@@ -37,6 +37,11 @@ def test_truncated_protobuf(tmp_path):
         load_onnx(path)
 
 
+def test_directory_that_is_no_saved_model(tmp_path):
+    with pytest.raises(ModelError, match="a directory, not an ONNX file"):
+        load_onnx(tmp_path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         load_onnx(tmp_path / "absent.onnx")

@@ -29,6 +29,11 @@ def read_onnx(model: ModelSource) -> onnx.ModelProto:
         proto, base_dir, label = _parse(bytes(model), "the ONNX model bytes"), None, "ONNX bytes"
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
+        if path.is_dir():
+            raise ModelError(
+                f"{path}: a directory, not an ONNX file (a TensorFlow SavedModel directory needs "
+                "saved_model.pb)"
+            )
         if not path.is_file():
             raise ModelError(f"{path}: no such model file")
         proto, base_dir, label = _parse(path.read_bytes(), str(path)), path.parent, str(path)

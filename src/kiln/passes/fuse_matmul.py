@@ -255,5 +255,5 @@ def fuse_matmul() -> RewritePass:
         FuseMatMulBias(),
         FuseMatMulResidual(),
         *(FuseMatMulActivation(domain, op) for domain, op in ACTIVATION_OPS),
-        name="fuse_matmul",
+        name="FuseMatMul",
     )

@@ -392,5 +392,5 @@ def fuse_norm() -> RewritePass:
         FuseDecomposedRMSNorm(),
         FuseResidualIntoNorm("LayerNorm"),
         FuseResidualIntoNorm("RMSNorm"),
-        name="fuse_norm",
+        name="FuseNorm",
     )
