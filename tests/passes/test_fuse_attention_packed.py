@@ -11,8 +11,6 @@ the original model at two shapes.
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 
 import numpy as np
 import onnx
@@ -25,6 +23,8 @@ from torch import nn
 
 from kiln.frontend.onnx import load_onnx
 from kiln.passes.pipeline import optimize
+from kiln.passes.shapes import InferShapes
+from tests.models import zoo
 from tests.models.zoo import ViTBlock
 from tests.passes.test_fuse_attention import (
     FLOAT, HEAD_DIM, HEADS, HIDDEN, assert_matches_ort, attentions, graph_model, op_types,
@@ -93,18 +93,8 @@ MODELS = {
 @functools.cache
 def exported(name: str, optimize_export: bool) -> onnx.ModelProto:
     """MODELS[name] on x [batch, tokens, HIDDEN] through torch's dynamo exporter (once)."""
-    torch.manual_seed(0)
-    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("tokens", min=2, max=16)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)  # the exporter reports its progress through logging
-        try:
-            program = torch.onnx.export(MODELS[name]().eval(), (torch.randn(2, 5, HIDDEN),),
-                                        dynamo=True, input_names=["x"], dynamic_shapes=(dims,),
-                                        optimize=optimize_export, verbose=False)
-        finally:
-            logging.disable(logging.NOTSET)
-    return program.model_proto
+    return zoo.export_proto(MODELS[name](), (torch.randn(2, 5, HIDDEN),), ["x"],
+                            {"x": {0: "batch", 1: "tokens"}}, optimize_export, dim_range=(2, 16))
 
 
 def optimized(proto: onnx.ModelProto) -> tuple[ir.Model, dict]:
@@ -129,6 +119,15 @@ def test_vit_blocks_become_one_attention_each(optimize_export):
     assert attentions(model) == [PACKED] * 2
     assert not glue_left(model)
     assert_matches_ort(model, original, SHAPES)
+
+
+def test_shape_inference_knows_the_packed_attention_output():
+    model, _ = optimized(exported("vit_blocks", False))
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    attention.outputs[0].shape = None
+    InferShapes()(model)
+    dims = [d if isinstance(d, int) else d.value for d in attention.outputs[0].shape]
+    assert dims == ["batch", "tokens", HIDDEN]
 
 
 @OPTIMIZE
