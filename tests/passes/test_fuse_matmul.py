@@ -33,7 +33,7 @@ def _const(name: str, array) -> onnx.TensorProto:
 
 def _model(nodes, initializers, inputs: dict[str, list], outputs: list[str], opset: int = 20,
            dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """A graph with its intermediate shapes inferred, as the lead's shape pass provides them."""
+    """A graph with its intermediate shapes inferred, as kiln's shape pass provides them."""
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info(n, dtype, s) for n, s in inputs.items()],
         [helper.make_tensor_value_info(o, dtype, None) for o in outputs], initializers,
