@@ -19,6 +19,7 @@ import kiln
 from kiln.cli.progress import JsonLines, PhaseDisplay
 from kiln.config import DEVICES
 from kiln.engine.progress import phase
+from kiln.errors import ConfigError
 from kiln.frontend.tensorflow import is_saved_model
 
 HELP = "build an engine from an ONNX model"
@@ -31,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
         help="optimization level: 0 cleanup only, 3 default",
+    )
+    parser.add_argument(
+        "--precision", default="fp32", metavar="P",
+        help="fp32 (strict, default), tf32, fp16 or bf16",
+    )
+    parser.add_argument(
+        "--layer-precision", action="append", default=[], metavar="NAME=fp32",
+        help="keep layer NAME (as `kiln inspect` shows it) in fp32 under fp16/bf16; repeatable",
     )
     parser.add_argument(
         "--report", action="store_true",
@@ -58,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         build = kiln.from_tensorflow if is_saved_model(args.model) else kiln.build
         engine = build(
             args.model, device=args.device, opt_level=args.opt_level,
-            debug_outputs=args.debug_outputs, progress=progress,
+            debug_outputs=args.debug_outputs, precision=args.precision,
+            layer_precisions=_layer_precisions(args.layer_precision), progress=progress,
         )
         with phase(progress, "write") as current:
             engine.save(args.output)
@@ -71,6 +81,16 @@ def main(args: argparse.Namespace) -> int:
             f"in {time.perf_counter() - start:.2f} s"
         )
     return 0
+
+
+def _layer_precisions(entries: list[str]) -> dict[str, str]:
+    pinned = {}
+    for entry in entries:
+        name, sep, precision = entry.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"--layer-precision takes NAME=PRECISION, not {entry!r}")
+        pinned[name] = precision
+    return pinned
 
 
 def _renderer(args: argparse.Namespace) -> contextlib.AbstractContextManager:

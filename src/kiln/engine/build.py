@@ -17,7 +17,7 @@ from kiln.config import BuildConfig
 from kiln.engine.format import EngineData
 from kiln.engine.plan import layer_info, plan_graph
 from kiln.engine.progress import ProgressCallback, phase
-from kiln.errors import BuildError
+from kiln.errors import BuildError, ConfigError
 from kiln.frontend.onnx import ModelSource, load_onnx
 from kiln.lowering import LoweredGraph, LoweredModel, lower
 from kiln.lowering.spec import KernelSpec, ValueType
@@ -25,10 +25,10 @@ from kiln.ops.custom import is_custom_op
 from kiln.ops.dtypes import element_type, to_torch
 from kiln.passes import optimize
 from kiln.passes.pipeline import count_nodes
+from kiln.passes.precision import PRECISION_KEY
 from kiln.tune import select_choice
 
 log = logging.getLogger("kiln.build")
-PRECISION = "fp32"
 
 
 def resolve_device(device: str | None) -> str:
@@ -49,7 +49,9 @@ def build_engine(
         ir_model = load_onnx(model)
         current.detail = f"{count_nodes(ir_model)} nodes"
     with phase(progress, "passes") as current:
-        ir_model, pass_records = optimize(ir_model, config.opt_level)
+        ir_model, pass_records = optimize(
+            ir_model, config.opt_level, config.precision, config.layer_precisions
+        )
         if pass_records:
             current.detail = (
                 f"{len(pass_records)} passes, {pass_records[0].nodes_before} -> "
@@ -60,6 +62,9 @@ def build_engine(
     with phase(progress, "lowering") as current:
         lowered = lower(ir_model)
         current.detail = f"{len(lowered.graph.steps)} layers"
+    _check_pinned_layers(config, lowered.graph)
+    # one step per top-level node, in order; the precision pass marked the nodes it saw
+    precisions = [node.metadata_props.get(PRECISION_KEY) or config.precision for node in ir_model.graph]
 
     specs = list(dict.fromkeys(_specs(lowered.graph)))
     recipes: dict[KernelSpec, dict[str, Any]] = {}
@@ -77,7 +82,7 @@ def build_engine(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "target": _target(device),
             "versions": _library_versions(),
-            "precision": PRECISION,
+            "precision": config.precision,
             "opt_level": config.opt_level,
             "model": {
                 "graph_name": ir_model.graph.name,
@@ -90,7 +95,8 @@ def build_engine(
             },
             "plan": plan,
             "layers": [
-                layer_info(step, recipes[step.spec], PRECISION) for step in lowered.graph.steps
+                layer_info(step, recipes[step.spec], precision)
+                for step, precision in zip(lowered.graph.steps, precisions, strict=True)
             ],
             "string_tensors": string_tensors,
             "debug_outputs": config.debug_outputs,
@@ -102,6 +108,15 @@ def build_engine(
     _record_custom_ops(manifest)
     log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
     return EngineData(manifest=manifest, tensors=tensors)
+
+
+def _check_pinned_layers(config: BuildConfig, graph: LoweredGraph) -> None:
+    unknown = sorted(set(config.layer_precisions) - {step.name for step in graph.steps})
+    if unknown:
+        raise ConfigError(
+            f"layer_precisions names unknown layer(s) {', '.join(map(repr, unknown))}; "
+            "`kiln inspect ENGINE` lists the layer names"
+        )
 
 
 def _producer(model: ir.Model) -> str:

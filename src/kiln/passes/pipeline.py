@@ -8,11 +8,15 @@
 3: + epilogue fusions (Conv/Gemm/MatMul with bias, activation, residual), attention, and
    pointwise grouping. The default.
 4, 5: as 3 for now; reserved for fusions that trade build time for speed.
+
+Under a reduced precision policy (fp16, bf16) every level ends with :class:`ReducePrecision`
+(after shape inference at level 0, which has none of its own: the pass reads value types).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -27,6 +31,8 @@ from kiln.passes.fuse_conv import fuse_conv
 from kiln.passes.fuse_matmul import fuse_matmul
 from kiln.passes.fuse_norm import fuse_norm
 from kiln.passes.fuse_pointwise import group_pointwise
+from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
+from kiln.passes.shapes import InferShapes
 from kiln.passes.simplify import simplify
 
 
@@ -40,8 +46,11 @@ def cleanup() -> list[GraphPass]:
     ]
 
 
-def passes_for(opt_level: int) -> list[GraphPass]:
-    """Fresh instances of the passes of ``opt_level``, in order."""
+def passes_for(
+    opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None
+) -> list[GraphPass]:
+    """Fresh instances of the passes of ``opt_level`` and ``precision``, in order; ``pinned``
+    names the layers kept in fp32."""
     passes = cleanup()
     if opt_level >= 1:
         passes += simplify()  # shapes first: folding and the fusions' checks read them
@@ -51,6 +60,10 @@ def passes_for(opt_level: int) -> list[GraphPass]:
         passes += [fuse_attention(), fuse_matmul(), fuse_conv(), group_pointwise()]
     if opt_level >= 1:
         passes += cleanup()  # what the rewrites left behind: replaced weights, shape glue
+    if precision in REDUCED_TYPES:
+        if opt_level == 0:
+            passes.append(InferShapes())
+        passes.append(ReducePrecision(precision, pinned))
     return passes
 
 
@@ -69,10 +82,13 @@ def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
-def optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[PassRecord]]:
-    """Run the passes of ``opt_level`` on ``model``; return the result and a record per pass."""
+def optimize(
+    model: ir.Model, opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None
+) -> tuple[ir.Model, list[PassRecord]]:
+    """Run the passes of ``opt_level`` and ``precision`` on ``model``; return the result and a
+    record per pass."""
     records = []
-    for graph_pass in passes_for(opt_level):
+    for graph_pass in passes_for(opt_level, precision, pinned):
         before = count_nodes(model)
         start = time.perf_counter()
         try:

@@ -39,6 +39,7 @@ class Engine:
             self._program = Program(manifest["plan"], weights, self.device)
             self.inputs = [TensorInfo.from_json(e) for e in manifest["signature"]["inputs"]]
             self.outputs = [TensorInfo.from_json(e) for e in manifest["signature"]["outputs"]]
+            self._arithmetic = allow_tf32 if manifest.get("precision") == "tf32" else strict_fp32
         except (KeyError, TypeError, ValueError) as error:
             raise EngineFormatError(f"{source}: the engine's plan is malformed ({error})") from None
 
@@ -62,7 +63,7 @@ class Engine:
         mark(RUN_START)
         bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
         mark(HOST_TO_DEVICE)
-        with torch.inference_mode(), strict_fp32():
+        with torch.inference_mode(), self._arithmetic():
             values = self._program.run(self._program.new_env(bound), layer_timeline)
         mark(COMPUTE)
         outputs = export_outputs(self.outputs, values, as_numpy)
@@ -92,6 +93,18 @@ def strict_fp32() -> Iterator[None]:
     torch.set_float32_matmul_precision("highest")
     try:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+
+
+@contextlib.contextmanager
+def allow_tf32() -> Iterator[None]:
+    """fp32 matmuls and convolutions on TF32 tensor cores: what a ``tf32`` engine promises."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
             yield
     finally:
         torch.set_float32_matmul_precision(matmul)
