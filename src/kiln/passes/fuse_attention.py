@@ -403,17 +403,27 @@ class _HeadSplit:
     head_dim: int
 
 
-def _head_split(value: ir.Value, perm: tuple[int, ...]) -> _HeadSplit | None:
-    """``value`` = Transpose(perm) of a head split."""
+def _transposed_split(value: ir.Value, perm: tuple[int, ...]):
+    """``value`` = Transpose(perm) of a Reshape that splits the last axis of a [b, s, n] source:
+    (reshape, transpose, source dims, split dims), or None."""
     transpose = producer(value, "Transpose")
     reshape = transpose and producer(transpose.inputs[0], "Reshape")
-    if reshape is None or _perm(transpose, 4) != perm:
+    if reshape is None or _perm(transpose, len(perm)) != perm:
         return None
     source, split = _dims(reshape.inputs[0]), _dims(reshape.outputs[0])
-    if source is None or split is None or len(source) != 3 or len(split) != 4:
+    if source is None or split is None or len(source) != 3 or len(split) != len(perm):
         return None
     if split[:2] != source[:2] or not all(isinstance(d, int) and d > 0 for d in split[2:]):
         return None
+    return reshape, transpose, source, split
+
+
+def _head_split(value: ir.Value, perm: tuple[int, ...]) -> _HeadSplit | None:
+    """``value`` = Transpose(perm) of a head split."""
+    found = _transposed_split(value, perm)
+    if found is None:
+        return None
+    reshape, transpose, _, split = found
     return _HeadSplit(reshape.inputs[0], reshape, transpose, split[2], split[3])
 
 
@@ -696,19 +706,12 @@ class _PackedSplit:
 
 
 def _packed_split(value: ir.Value) -> _PackedSplit | None:
-    transpose = producer(value, "Transpose")
-    reshape = transpose and producer(transpose.inputs[0], "Reshape")
-    if reshape is None or _perm(transpose, 5) != PACKED_PARTS_FIRST:
+    found = _transposed_split(value, PACKED_PARTS_FIRST)
+    if found is None:
         return None
-    source, split = _dims(reshape.inputs[0]), _dims(reshape.outputs[0])
-    if source is None or split is None or len(source) != 3 or len(split) != 5:
-        return None
+    reshape, transpose, source, split = found
     parts, heads, head_dim = split[2:]
-    if split[:2] != source[:2] or parts != 3:
-        return None
-    if not (isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0):
-        return None
-    if source[2] != 3 * heads * head_dim:
+    if parts != 3 or source[2] != 3 * heads * head_dim:
         return None
     return _PackedSplit(reshape.inputs[0], source, heads, head_dim, [reshape, transpose])
 

@@ -39,7 +39,7 @@ class Engine:
             self._program = Program(manifest["plan"], weights, self.device)
             self.inputs = [TensorInfo.from_json(e) for e in manifest["signature"]["inputs"]]
             self.outputs = [TensorInfo.from_json(e) for e in manifest["signature"]["outputs"]]
-            self._arithmetic = allow_tf32 if manifest.get("precision") == "tf32" else strict_fp32
+            self._tf32 = manifest.get("precision") == "tf32"
         except (KeyError, TypeError, ValueError) as error:
             raise EngineFormatError(f"{source}: the engine's plan is malformed ({error})") from None
 
@@ -63,7 +63,7 @@ class Engine:
         mark(RUN_START)
         bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
         mark(HOST_TO_DEVICE)
-        with torch.inference_mode(), self._arithmetic():
+        with torch.inference_mode(), fp32_arithmetic(self._tf32):
             values = self._program.run(self._program.new_env(bound), layer_timeline)
         mark(COMPUTE)
         outputs = export_outputs(self.outputs, values, as_numpy)
@@ -87,27 +87,20 @@ def _no_mark(label: str) -> None:
 
 
 @contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """fp32 arithmetic without TF32, whatever the process set: the precision the engine promises."""
+def fp32_arithmetic(tf32: bool = False) -> Iterator[None]:
+    """fp32 matmuls and convolutions as the engine promises, whatever the process set: strict
+    (no TF32) by default, on TF32 tensor cores for a ``tf32`` engine."""
     matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
             yield
     finally:
         torch.set_float32_matmul_precision(matmul)
 
 
-@contextlib.contextmanager
-def allow_tf32() -> Iterator[None]:
-    """fp32 matmuls and convolutions on TF32 tensor cores: what a ``tf32`` engine promises."""
-    matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
+def strict_fp32() -> contextlib.AbstractContextManager[None]:
+    return fp32_arithmetic(tf32=False)
 
 
 def _check_device(manifest: dict[str, Any], device: str | None, source: str) -> str:
