@@ -1,5 +1,6 @@
 """Shared test set-up: GPU tests skip without a GPU; the node-suite pass count is printed, and
-a full node-suite run with fewer than the required passes fails the session."""
+a full node-suite run with fewer than the required passes fails the session. Exported models
+shared by tests in several folders are exported once per session."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import collections
 
 import pytest
 import torch
+
+from tests.models import zoo
 
 CONFORMANCE = "tests/conformance/test_onnx_node_suite.py"
 REQUIRED_PASSES = 1600
@@ -50,3 +53,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         )
         if _below_requirement(count):
             terminalreporter.write_line(f"conformance below the required {REQUIRED_PASSES} passes", red=True)
+
+
+@pytest.fixture(scope="session")
+def resnet_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = zoo.ResNet()
+    zoo.randomize_batchnorm(model)
+    return zoo.export(model, (torch.randn(2, 3, 64, 64),), tmp_path_factory.mktemp("resnet") / "resnet.onnx",
+                      ["image"], {"image": {0: "batch", 2: "height", 3: "width"}})
+
+
+@pytest.fixture(scope="session")
+def bert_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = zoo.BertEncoder()
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    return zoo.export(model, (ids, mask), tmp_path_factory.mktemp("bert") / "bert.onnx",
+                      ["input_ids", "attention_mask"],
+                      {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})

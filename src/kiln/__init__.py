@@ -12,7 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from kiln import errors
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, Profile
 from kiln.engine.progress import ProgressCallback, ProgressEvent
 from kiln.frontend.onnx import ModelSource
 from kiln.ops.custom import custom_op
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from kiln.engine.format import EngineData
 
 __all__ = [
-    "BuildConfig", "CompiledModule", "Engine", "ProgressEvent", "TensorInfo", "Timeline", "build",
+    "BuildConfig", "CompiledModule", "Engine", "Profile", "ProgressEvent", "TensorInfo", "Timeline", "build",
     "compile", "custom_op", "errors", "from_tensorflow", "load", "load_module",
 ]
 __version__ = "0.1.0"

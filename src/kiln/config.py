@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
@@ -12,6 +14,171 @@ OPT_LEVELS = range(0, 6)
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 REDUCED_PRECISIONS = ("fp16", "bf16")
 LAYER_PRECISIONS = ("fp32",)  # what a layer may be pinned to
+PROFILE_POINTS = ("min", "opt", "max")
+
+Shape = tuple[int, ...]
+# An input's shape as a model declares it: ints (static), names (symbolic) or None (unknown)
+# per dimension, or None where even the rank is unknown.
+DeclaredShape = tuple[int | str | None, ...] | None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An optimization profile: the range of shapes an engine accepts, per input.
+
+    ``shapes`` maps an input name to its ``(min, opt, max)`` shapes, each a tuple of ints; a
+    single shape means min = opt = max. ``Profile({"ids": ((1, 16), (8, 128), (64, 512))})``
+    accepts ``ids`` from 1x16 to 64x512 in every dimension and tunes kernels for 8x128. Inputs
+    it does not name keep the shapes the model declares. The build checks the names and ranks
+    against the model (see :meth:`dims`); a shape set fits the profile when every named input
+    lies within its range, dimension by dimension.
+    """
+
+    shapes: Mapping[str, tuple[Shape, Shape, Shape]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shapes, Mapping) or not self.shapes:
+            raise ConfigError(
+                "a profile maps input names to (min, opt, max) shapes, e.g. "
+                "Profile({'ids': ((1, 16), (8, 128), (64, 512))})"
+            )
+        shapes = {}
+        for name, given in self.shapes.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"profile input names must be non-empty strings, not {name!r}")
+            shapes[name] = _profile_range(name, given)
+        object.__setattr__(self, "shapes", shapes)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.shapes.items()))
+
+    def dims(self, signature: Mapping[str, DeclaredShape], which: str = "opt") -> dict[str, int]:
+        """The value of every symbolic dimension at ``which`` (``"min"``, ``"opt"`` or ``"max"``).
+
+        ``signature`` maps each model input to its declared shape. Raises :class:`ConfigError`
+        when the profile names an input the model lacks, gives a shape of another rank, sizes a
+        static dimension otherwise than the model, or gives one symbol two values.
+        """
+        if which not in PROFILE_POINTS:
+            raise ConfigError(f"which must be one of {', '.join(PROFILE_POINTS)}, not {which!r}")
+        point = PROFILE_POINTS.index(which)
+        symbols: dict[str, tuple[Shape, str]] = {}  # symbol -> its sizes at min/opt/max, and where
+        for name, shapes in self.shapes.items():
+            if name not in signature:
+                known = ", ".join(signature) or "none"
+                raise ConfigError(
+                    f"optimization profile names unknown input {name!r}; the model's inputs are: {known}"
+                )
+            declared = signature[name]
+            if declared is None:
+                continue  # rank unknown: the profile says what it is
+            if len(shapes[0]) != len(declared):
+                raise ConfigError(
+                    f"optimization profile gives input {name!r} rank {len(shapes[0])} "
+                    f"({format_shape(shapes[0])}), the model declares rank {len(declared)} "
+                    f"({format_shape(declared)})"
+                )
+            for axis, dim in enumerate(declared):
+                sizes = tuple(shape[axis] for shape in shapes)
+                if isinstance(dim, int) and sizes != (dim, dim, dim):
+                    raise ConfigError(
+                        f"optimization profile gives input {name!r} sizes {_span(sizes)} in "
+                        f"dimension {axis}, which the model fixes at {dim} ({format_shape(declared)})"
+                    )
+                if isinstance(dim, str):
+                    first = symbols.setdefault(dim, (sizes, name))
+                    if first[0] != sizes:
+                        raise ConfigError(
+                            f"optimization profile gives dimension {dim!r} sizes {_span(first[0])} "
+                            f"in input {first[1]!r} but {_span(sizes)} in input {name!r}; a "
+                            "symbol has one range"
+                        )
+        return {symbol: sizes[point] for symbol, (sizes, _) in symbols.items()}
+
+    def fits(self, shapes: Mapping[str, Shape]) -> bool:
+        """Whether every input this profile names has a shape within its range in ``shapes``."""
+        for name, (low, _, high) in self.shapes.items():
+            shape = shapes.get(name)
+            if shape is None or len(shape) != len(low):
+                return False
+            if not all(lo <= size <= hi for lo, size, hi in zip(low, shape, high)):
+                return False
+        return True
+
+    def describe(self) -> str:
+        """The ranges, as ``"ids 1x16..64x512, mask 8x128"``."""
+        return ", ".join(
+            f"{name} {format_shape(low)}" + ("" if low == high else f"..{format_shape(high)}")
+            for name, (low, _, high) in self.shapes.items()
+        )
+
+    def to_json(self) -> dict[str, dict[str, list[int]]]:
+        """``{input: {"min": [...], "opt": [...], "max": [...]}}``, as engine manifests hold it."""
+        return {
+            name: {point: list(shape) for point, shape in zip(PROFILE_POINTS, shapes)}
+            for name, shapes in self.shapes.items()
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, list[int]]]) -> Profile:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a stored profile is a mapping of input name to ranges, not {data!r}")
+        return cls({name: _points(name, ranges) for name, ranges in data.items()})
+
+
+def format_shape(shape: DeclaredShape) -> str:
+    """``(1, 16)`` -> ``"1x16"``; unknown dimensions as ``?``, a scalar as ``[]``."""
+    if shape is None:
+        return "?"
+    return "x".join("?" if dim is None else str(dim) for dim in shape) or "[]"
+
+
+def _span(sizes: Shape) -> str:
+    low, opt, high = sizes
+    return str(low) if low == high else f"{low}..{high} (opt {opt})"
+
+
+def _points(name: str, ranges: object) -> tuple[object, object, object]:
+    if not isinstance(ranges, Mapping) or set(ranges) != set(PROFILE_POINTS):
+        raise ConfigError(f"profile input {name!r}: expected min, opt and max shapes, not {ranges!r}")
+    return tuple(ranges[point] for point in PROFILE_POINTS)  # type: ignore[return-value]
+
+
+def _is_dim(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _profile_range(name: str, given: object) -> tuple[Shape, Shape, Shape]:
+    """``(min, opt, max)`` from three shapes, or from one shape (min = opt = max); checked."""
+    usage = (
+        f"profile input {name!r} takes a shape of positive ints or three of them (min, opt, max), "
+        f"not {given!r}"
+    )
+    if not isinstance(given, (tuple, list)):
+        raise ConfigError(usage)
+    if all(_is_dim(dim) for dim in given):
+        shapes = (tuple(given),) * 3
+    elif len(given) == 3 and all(
+        isinstance(shape, (tuple, list)) and all(_is_dim(dim) for dim in shape) for shape in given
+    ):
+        shapes = tuple(tuple(shape) for shape in given)
+    else:
+        raise ConfigError(usage)
+    low, opt, high = shapes
+    if not len(low) == len(opt) == len(high):
+        raise ConfigError(
+            f"profile input {name!r}: min, opt and max must have the same rank, not "
+            f"{format_shape(low)}, {format_shape(opt)} and {format_shape(high)}"
+        )
+    if any(dim < 1 for dim in low) or not all(
+        lo <= mid <= hi for lo, mid, hi in zip(low, opt, high)
+    ):
+        raise ConfigError(
+            f"profile input {name!r}: every dimension needs 1 <= min <= opt <= max, not min "
+            f"{format_shape(low)}, opt {format_shape(opt)}, max {format_shape(high)}"
+        )
+    return shapes  # type: ignore[return-value]
+
 
 
 @dataclass(frozen=True)
@@ -28,6 +195,12 @@ class BuildConfig:
         but for those that need fp32's range; see :mod:`kiln.passes.precision`).
     layer_precisions: layer name (as ``kiln inspect`` shows it) -> ``"fp32"``, to keep that
         layer in fp32 under a reduced policy. Unknown names fail the build.
+    profiles: optimization profiles (:class:`Profile`), one or several; a single one, or a mapping
+        of input name to shapes, is taken as a one-profile list. When any are given, every input
+        with a symbolic or unknown dimension must be in each, the engine accepts the shapes that
+        fit one of them, and kernels are tuned at the first one's ``opt`` shapes.
+    timing_cache: path of a persistent kernel timing cache reused across builds: a JSON file of
+        measured kernel timings, read and updated by builds. ``None`` keeps no cache.
     """
 
     device: str | None = None
@@ -35,8 +208,15 @@ class BuildConfig:
     debug_outputs: bool = False
     precision: str = "fp32"
     layer_precisions: dict[str, str] = field(default_factory=dict)
+    profiles: tuple[Profile, ...] = ()
+    timing_cache: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "profiles", _profiles(self.profiles))
+        if self.timing_cache is not None:
+            if not isinstance(self.timing_cache, (str, os.PathLike)) or not os.fspath(self.timing_cache):
+                raise ConfigError(f"timing_cache must be a file path, not {self.timing_cache!r}")
+            object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
         if self.device is not None and self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.opt_level not in OPT_LEVELS:
@@ -63,3 +243,14 @@ class BuildConfig:
                 f"unknown build option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return dataclasses.replace(self, **overrides)
+
+
+def _profiles(given: object) -> tuple[Profile, ...]:
+    """``profiles`` as a tuple of :class:`Profile`: from one, a mapping, or a list of either."""
+    if given is None:
+        return ()
+    if isinstance(given, (Profile, Mapping)):
+        given = [given]
+    if not isinstance(given, (tuple, list)):
+        raise ConfigError(f"profiles must be a Profile or a list of them, not {type(given).__name__}")
+    return tuple(p if isinstance(p, Profile) else Profile(p) for p in given)

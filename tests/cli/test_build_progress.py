@@ -41,7 +41,7 @@ def test_library_reports_each_phase_in_order():
     starts = [e.phase for e in events if e.state == "start"]
     ends = [e.phase for e in events if e.state == "end"]
     assert starts == ends == list(BUILD_PHASES)
-    choices = [e for e in events if e.phase == "choices"]
+    choices = [e for e in events if e.phase == "tuning"]
     total = choices[0].total
     assert total and [e.completed for e in choices if e.state == "advance"] == list(range(1, total + 1))
     assert all(e.seconds is not None and e.seconds >= 0 for e in events if e.state == "end")
@@ -61,7 +61,7 @@ def test_log_json_is_one_object_per_line(model_file, tmp_path, capsys):
     phases = [e["phase"] for e in events if e["state"] == "end"]
     assert phases == [*BUILD_PHASES, "write"]
     assert all({"phase", "state"} <= set(e) for e in events)
-    assert next(e for e in events if e["phase"] == "choices" and e["state"] == "start")["total"] == 4
+    assert next(e for e in events if e["phase"] == "tuning" and e["state"] == "start")["total"] == 4
 
 
 def test_log_json_reports_the_failed_phase(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_verbose_prints_each_phase_summary(model_file, tmp_path, capsys):
     args = ["build", str(model_file), "-o", str(tmp_path / "e.kiln"), "--device", "cpu", "--opt-level", "0"]
     assert main([*args, "--verbose"]) == 0  # level 0: one layer per node
     err = capsys.readouterr().err
-    for line in ("import: 4 nodes", "lowering: 4 layers", "choices: 4 distinct kernel specs", "write:"):
+    for line in ("import: 4 nodes", "lowering: 4 layers", "tuning: 4 distinct kernel specs, 0 timed", "write:"):
         assert line in err
 
 

@@ -53,7 +53,7 @@ def test_inspect_json(engine_file, capsys):
         assert key in info
     assert info["layers"][0] == {
         "name": "matmul", "op": "MatMul", "sources": ["matmul"], "source_ops": ["MatMul"],
-        "precision": "fp32", "choice": "ops", "custom": False,
+        "precision": "fp32", "choice": "ops", "timed_ms": None, "custom": False,
     }
 
 

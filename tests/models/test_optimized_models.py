@@ -32,9 +32,7 @@ def _export(tmp_path_factory, name, model, example, inputs, dynamic):
 def resnet50(tmp_path_factory):
     torch.manual_seed(0)
     model = zoo.ResNet50()
-    from tests.models.conftest import _randomize_batchnorm
-
-    _randomize_batchnorm(model)
+    zoo.randomize_batchnorm(model)
     return _export(tmp_path_factory, "resnet50", model, (torch.randn(1, 3, 224, 224),), ["image"],
                    {"image": {0: "batch"}})
 
@@ -86,6 +84,7 @@ def _assert_transformer_fused(engine: kiln.Engine, onnx_nodes: int) -> None:
     assert ops["Softmax"] == 0 and ops["Erf"] == 0 and ops["Tanh"] == 0 and ops["Pow"] == 0, ops
     assert ops["kiln::LayerNorm"] == 2 * LAYERS + 1, ops
     assert ops["ReduceMean"] == 0, ops
+    assert ops["SplitToSequence"] == 0 and ops["SequenceAt"] == 0, ops
     assert len(engine.layers) * 5 <= onnx_nodes, (len(engine.layers), onnx_nodes, ops)
 
 

@@ -39,3 +39,35 @@ def test_gpu_tensors_stay_on_the_gpu(bert_onnx):
     on_host = engine.run({"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()})
     for name, value in outputs.items():
         np.testing.assert_allclose(value.cpu().numpy(), on_host[name], rtol=1e-5, atol=1e-6)
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_tuned_reduced_precision_models_pick_library_kernels(resnet_onnx, bert_onnx, precision, tmp_path):
+    cache = tmp_path / "timings.json"
+    rng = np.random.default_rng(5)
+    image = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ids = rng.integers(0, 1000, (2, 16)).astype(np.int64)
+    bert_feed = {"input_ids": ids, "attention_mask": np.ones((2, 16), np.int64)}
+    for path, feed, library in [
+        (resnet_onnx, {"image": image}, "cudnn-conv"),
+        (bert_onnx, bert_feed, "cublaslt-gemm"),
+    ]:
+        engine = kiln.build(path, device="cuda", precision=precision, timing_cache=str(cache),
+                            profiles=[kiln.Profile({n: v.shape for n, v in feed.items()})])
+        choices = {layer["choice"] for layer in engine.layers}
+        assert any(c.startswith(library) for c in choices), choices
+        assert any(layer["timed_ms"] for layer in engine.layers)
+        reference = kiln.build(path, device="cuda").run(feed)
+        for _ in range(3):  # eager, capture, replay
+            outputs = engine.run(feed)
+            for name, value in outputs.items():
+                assert _cosine(value, reference[name]) >= 0.999, name
+    assert cache.exists()
+    again = kiln.build(resnet_onnx, device="cuda", precision=precision, timing_cache=str(cache),
+                       profiles=[kiln.Profile({"image": image.shape})])
+    assert again.manifest["build"]["tuning"]["cache_hits"] > 0

@@ -253,3 +253,13 @@ def export(model: nn.Module, example: tuple, path: Path, input_names: list[str],
     """Export to ``path`` (see :func:`export_proto`)."""
     onnx.save(export_proto(model, example, input_names, dynamic), path)
     return path
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics, so a wrong BatchNorm shows in the numbers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)

@@ -28,7 +28,7 @@ from kiln.cli.options import (
 from kiln.cli.runners import PEERS, KilnRunner, OnnxRuntimeRunner, Runner, TorchRunner, load_torch_module
 from kiln.cli.stats import UNSTABLE_CV, summarize_ms
 from kiln.frontend.onnx import read_onnx
-from kiln.runtime.engine import strict_fp32
+from kiln.kernels.arithmetic import strict_fp32
 from kiln.runtime.timing import DEVICE_TO_HOST, HOST_TO_DEVICE, Span, Timeline
 
 HELP = "measure throughput and latency of an engine (or a model, built first), beside peers"
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     schedule = _schedule(args)
     engine = engine_from(args.target, args)
     device = engine.device.type
-    feed = inputs_for(engine.inputs, args)
+    feed = inputs_for(engine, args)
     # Imported now, so that a wrong --torch-module fails before the timing, but moved to the
     # device only after kiln's peak memory is read.
     torch_module = load_torch_module(args.torch_module) if wants_torch else None

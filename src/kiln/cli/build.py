@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kiln
+from kiln.cli.options import profile_spec
 from kiln.cli.progress import JsonLines, PhaseDisplay
 from kiln.config import DEVICES
 from kiln.engine.progress import phase
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layer-precision", action="append", default=[], metavar="NAME=fp32",
         help="keep layer NAME (as `kiln inspect` shows it) in fp32 under fp16/bf16; repeatable",
+    )
+    parser.add_argument(
+        "--shapes", action="append", default=[], type=profile_spec,
+        metavar="NAME:MIN,OPT,MAX",
+        help="an optimization profile: each input's min, opt and max shapes (e.g. ids:1x16,8x128,64x512; "
+        "space-separated inputs; NAME:8x128 fixes one); repeat for more profiles",
     )
     parser.add_argument(
         "--report", action="store_true",
@@ -68,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
         engine = build(
             args.model, device=args.device, opt_level=args.opt_level,
             debug_outputs=args.debug_outputs, precision=args.precision,
-            layer_precisions=_layer_precisions(args.layer_precision), progress=progress,
+            layer_precisions=_layer_precisions(args.layer_precision), profiles=args.shapes,
+            progress=progress,
         )
         with phase(progress, "write") as current:
             engine.save(args.output)

@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
         args.usage_error("--layerwise matches ONNX value names: use --vs onnxruntime or fp32")
     model = read_onnx(args.model)
     engine = _engine(args)
-    feed = inputs_for(engine.inputs, args)
+    feed = inputs_for(engine, args)
     reference = _reference(args, model, engine)
     ours = engine.run(feed)
     theirs = reference.infer(feed)

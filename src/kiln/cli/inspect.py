@@ -53,6 +53,7 @@ def describe(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "inputs": manifest["signature"]["inputs"],
         "outputs": manifest["signature"]["outputs"],
+        "profiles": manifest.get("profiles", []),  # input -> {"min", "opt", "max"} shapes
         "device": manifest["target"],
         "versions": {"kiln": manifest.get("kiln_version"), **manifest["versions"]},
         "precision": manifest["precision"],
@@ -61,6 +62,19 @@ def describe(manifest: dict[str, Any]) -> dict[str, Any]:
         "build": manifest.get("build", {}),
         "layers": manifest["layers"],
         "custom_ops": manifest.get("custom_ops", []),  # to register (kiln.custom_op) before loading
+        "memory": _memory_summary(manifest.get("memory")),  # None for engines built without a plan
+    }
+
+
+def _memory_summary(memory: dict[str, Any] | None) -> dict[str, int] | None:
+    """The static memory plan in brief: arena against the sum of the activations it holds."""
+    if memory is None:
+        return None
+    return {
+        "arena_bytes": memory["arena_bytes"],
+        "activation_bytes": memory["activation_bytes"],
+        "activations": len(memory["values"]),
+        "dynamic_values": len(memory["dynamic"]),
     }
 
 
@@ -99,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     if args.profile or args.plot:
         engine = kiln.load(args.engine, device=args.device)
         info = describe(engine.manifest)
-        info["profile"] = profile(engine, inputs_for(engine.inputs, args), args.iterations, args.warmup)
+        info["profile"] = profile(engine, inputs_for(engine, args), args.iterations, args.warmup)
         if args.plot:
             result = info["profile"]
             plot_profile(result["layers"], args.plot, _plot_title(args.engine, result), args.top)
@@ -140,6 +154,10 @@ def _print(args: argparse.Namespace, info: dict[str, Any]) -> None:
             )
             signature.add_row(role[:-1], entry["name"], str(entry["dtype"]), shape)
     console.print(signature)
+    if info["profiles"]:
+        console.print(_profiles_table(info["profiles"]))
+    if info.get("memory"):
+        console.print(_memory_line(info["memory"]), soft_wrap=True)  # one line, for grep
     layers = Table(title="layers (execution order)")
     for column in ("#", "name", "op", "sources", "precision", "choice"):
         layers.add_column(column)
@@ -153,6 +171,17 @@ def _print(args: argparse.Namespace, info: dict[str, Any]) -> None:
         console.print(_profile_table(info["profile"], args.top))
     if args.plot:
         console.print(f"plot written to {args.plot}")
+
+
+def _profiles_table(profiles: list[dict[str, Any]]) -> Table:
+    table = Table(title="optimization profiles (inputs must fit one)")
+    for column in ("profile", "input", "min", "opt", "max"):
+        table.add_column(column)
+    for index, profile in enumerate(profiles):
+        for name, ranges in profile.items():
+            shapes = ["x".join(map(str, ranges[point])) for point in ("min", "opt", "max")]
+            table.add_row(str(index), name, *shapes)
+    return table
 
 
 def _profile_table(result: dict[str, Any], top: int) -> Table:
@@ -173,3 +202,20 @@ def _profile_title(result: dict[str, Any]) -> str:
         f"layer profile on {result['device']}: {result['total_ms']:.3f} ms in all, "
         f"median of {result['iterations']} runs"
     )
+
+
+def _memory_line(memory: dict[str, int]) -> str:
+    arena, total = memory["arena_bytes"], memory["activation_bytes"]
+    reuse = f" ({total / arena:.1f}x reuse)" if arena else ""
+    return (
+        f"memory: arena {_bytes(arena)} for {memory['activations']} activations totalling "
+        f"{_bytes(total)}{reuse}, {memory['dynamic_values']} dynamic"
+    )
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

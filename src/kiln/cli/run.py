@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     engine = kiln.load(args.engine, device=args.device)
-    outputs = engine.run(make_inputs(engine.inputs, args.input, args.shapes, args.seed))
+    outputs = engine.run(
+        make_inputs(engine.inputs, args.input, args.shapes, args.seed, engine.profiles)
+    )
     table = Table(title=f"outputs of {args.engine}")
     for column in ("name", "dtype", "shape", "min", "max", "mean"):
         table.add_column(column, justify="right" if column in ("min", "max", "mean") else "left")
@@ -47,11 +50,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def make_inputs(
-    signature: list[TensorInfo], input_specs: list[str], shapes_text: str, seed: int
+    signature: list[TensorInfo], input_specs: list[str], shapes_text: str, seed: int,
+    profiles: Sequence[kiln.Profile] = (),
 ) -> dict[str, Any]:
-    """Inputs from ``NAME=FILE.npy`` specs, random ones (of ``--shapes``) for the rest."""
+    """Inputs from ``NAME=FILE.npy`` specs, random ones for the rest: of ``--shapes``, else of the
+    first optimization profile's opt shapes."""
     given = dict(_parse_input(spec) for spec in input_specs)
-    shapes = parse_shapes(shapes_text)
+    opt = {name: shapes[1] for name, shapes in profiles[0].shapes.items()} if profiles else {}
+    shapes = {**opt, **parse_shapes(shapes_text)}
     rng = np.random.default_rng(seed)
     inputs = {
         info.name: given[info.name] if info.name in given else random_input(info, shapes, rng)

@@ -21,7 +21,7 @@ import torch
 import kiln
 from kiln.errors import InputError, ModelError
 from kiln.runtime import Timeline
-from kiln.runtime.engine import strict_fp32
+from kiln.kernels.arithmetic import strict_fp32
 from kiln.runtime.timing import RUN_START
 
 PEERS = ("onnxruntime", "torch", "torch-compile")

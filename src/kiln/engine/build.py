@@ -15,7 +15,9 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.engine.format import EngineData
+from kiln.engine.memory import plan_memory
 from kiln.engine.plan import layer_info, plan_graph
+from kiln.engine.profiles import check_profiles, profile_symbols
 from kiln.engine.progress import ProgressCallback, phase
 from kiln.errors import BuildError, ConfigError
 from kiln.frontend.onnx import ModelSource, load_onnx
@@ -26,7 +28,7 @@ from kiln.ops.dtypes import element_type, to_torch
 from kiln.passes import optimize
 from kiln.passes.pipeline import count_nodes
 from kiln.passes.precision import PRECISION_KEY
-from kiln.tune import select_choice
+from kiln.tune import Selection, TimingCache, Tuner
 
 log = logging.getLogger("kiln.build")
 
@@ -63,19 +65,19 @@ def build_engine(
         lowered = lower(ir_model)
         current.detail = f"{len(lowered.graph.steps)} layers"
     _check_pinned_layers(config, lowered.graph)
+    profiles = check_profiles(config.profiles, lowered.graph)
     # one step per top-level node, in order; the precision pass marked the nodes it saw
     precisions = [node.metadata_props.get(PRECISION_KEY) or config.precision for node in ir_model.graph]
 
     specs = list(dict.fromkeys(_specs(lowered.graph)))
-    recipes: dict[KernelSpec, dict[str, Any]] = {}
-    with phase(progress, "choices", total=len(specs)) as current:
-        for spec in specs:
-            recipes[spec] = select_choice(spec, device).recipe(spec)
-            current.advance(spec.op_type)
-        current.detail = f"{len(specs)} distinct kernel specs"
+    selections, tuning = _select_choices(
+        specs, device, config, profile_symbols(config, lowered.graph, "opt"), progress
+    )
+    recipes = {spec: selection.choice.recipe(spec) for spec, selection in selections.items()}
 
     with phase(progress, "plan"):
         plan = plan_graph(lowered.graph, recipes.__getitem__)
+        memory = plan_memory(lowered.graph, profile_symbols(config, lowered.graph, "max"))
         tensors, string_tensors = _split_tensors(lowered)
         manifest = {
             "kiln_version": _version("kiln"),
@@ -94,20 +96,56 @@ def build_engine(
                 "outputs": _signature(lowered.graph.outputs, lowered.graph.output_types),
             },
             "plan": plan,
+            "memory": memory.to_json(),
             "layers": [
-                layer_info(step, recipes[step.spec], precision)
+                layer_info(step, recipes[step.spec], precision, selections[step.spec].ms)
                 for step, precision in zip(lowered.graph.steps, precisions, strict=True)
             ],
             "string_tensors": string_tensors,
             "debug_outputs": config.debug_outputs,
+            "profiles": profiles,
             "build": {
                 "seconds": round(time.perf_counter() - start, 3),
                 "passes": [record.__dict__ for record in pass_records],
+                "tuning": tuning,
             },
         }
     _record_custom_ops(manifest)
     log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
     return EngineData(manifest=manifest, tensors=tensors)
+
+
+def _select_choices(
+    specs: list[KernelSpec], device: str, config: BuildConfig, symbols: dict[str, int],
+    progress: ProgressCallback | None,
+) -> tuple[dict[KernelSpec, Selection], dict[str, Any]]:
+    """The chosen kernel of every spec, and a summary of the tuning for the manifest."""
+    start = time.perf_counter()
+    cache = TimingCache(config.timing_cache)
+    tuner = Tuner(
+        device, config.opt_level, cache, symbols, target=_tuning_target(device),
+        tf32=config.precision == "tf32",
+    )
+    selections = {}
+    with phase(progress, "tuning", total=len(specs)) as current:
+        for spec in specs:
+            selections[spec] = tuner.select(spec)
+            current.advance(spec.op_type)
+        timed = sum(1 for s in selections.values() if s.timings and not s.cached)
+        current.detail = (
+            f"{len(specs)} distinct kernel specs, {timed} timed, {cache.hits} from the timing cache"
+        )
+    cache.save()
+    summary = {
+        "specs": len(specs), "timed": timed, "cache_hits": cache.hits,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return selections, summary
+
+
+def _tuning_target(device: str) -> dict[str, Any]:
+    """What a timing depends on besides the spec: the GPU and the software versions."""
+    return {**_target(device), **_library_versions(), "kiln": _version("kiln")}
 
 
 def _check_pinned_layers(config: BuildConfig, graph: LoweredGraph) -> None:

@@ -52,8 +52,10 @@ def _plan_step(step: Step, recipe_for: RecipeFor) -> dict[str, Any]:
     }
 
 
-def layer_info(step: Step, recipe: dict[str, Any], precision: str) -> dict[str, Any]:
-    """What ``inspect`` shows of a top-level step."""
+def layer_info(
+    step: Step, recipe: dict[str, Any], precision: str, ms: float | None = None
+) -> dict[str, Any]:
+    """What ``inspect`` shows of a top-level step (``ms``: the chosen kernel's timed cost)."""
     return {
         "name": step.name,
         "op": step.spec.op_type if not step.spec.domain else f"{step.spec.domain}::{step.spec.op_type}",
@@ -61,4 +63,5 @@ def layer_info(step: Step, recipe: dict[str, Any], precision: str) -> dict[str, 
         "source_ops": step.source_ops,
         "precision": precision,
         "choice": recipe["choice"],
+        "timed_ms": None if ms is None else round(ms, 6),
     }

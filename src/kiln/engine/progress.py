@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # The phases of kiln.build, in order. Callers that do more (writing the file) add their own.
-BUILD_PHASES = ("import", "passes", "lowering", "choices", "plan")
+BUILD_PHASES = ("import", "passes", "lowering", "tuning", "plan")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Implementations of kernel specs: one list of choices per op, the ``ops`` fallback always in it.
 
-The compile side (:mod:`kiln.kernels.choice`) runs at build time; the launch side
-(:mod:`kiln.kernels.launch`) is all a deployed engine needs.
+A choice's build side (:mod:`kiln.kernels.choice`, :mod:`kiln.kernels.catalog`) reads specs; its
+launch side (:mod:`kiln.kernels.launch`) is all a deployed engine needs.
 """

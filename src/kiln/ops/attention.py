@@ -39,8 +39,9 @@ def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> tor
     """Q K^T times scale, applying sqrt(scale) to each side so the product cannot overflow."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    # Rounded to the inputs' type first, as ONNX's function body and reference do.
-    root = torch.tensor(math.sqrt(scale), dtype=q.dtype, device=q.device)
+    # Rounded to the inputs' type first, as ONNX's function body and reference do (filled on the
+    # device: a copy from host memory could not be captured in a CUDA graph).
+    root = torch.full((), math.sqrt(scale), dtype=q.dtype, device=q.device)
     return torch.matmul(q * root, (k * root).transpose(-1, -2))
 
 

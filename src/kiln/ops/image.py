@@ -162,7 +162,7 @@ def _resize_axis(
         if bool(outside.any()):
             view = [1] * data.dim()
             view[axis] = out_size
-            fill = torch.tensor(extrapolation_value, dtype=result.dtype, device=result.device)
+            fill = torch.full((), extrapolation_value, dtype=result.dtype, device=result.device)
             result = torch.where(outside.to(result.device).reshape(view), fill, result)
     return result
 
@@ -213,7 +213,7 @@ def _host_list(tensor: torch.Tensor | None) -> list | None:
     return tensor.cpu().tolist()
 
 
-@register("Resize", since=11)
+@register("Resize", since=11, host_inputs=(1, 2, 3))
 def resize(
     X, roi=None, scales=None, sizes=None, *,
     antialias=0, axes=None, coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.75,
@@ -273,7 +273,7 @@ def _resize_by_scales_v10(X: torch.Tensor, scales: list[float], mode: str) -> to
     return result if mode == "nearest" else _saturate_to(result, X.dtype)
 
 
-@register("Resize", since=10)
+@register("Resize", since=10, host_inputs=(1,))
 def resize_v10(X, scales, *, mode="nearest"):
     return _resize_by_scales_v10(X, scales.cpu().tolist(), mode)
 
@@ -283,7 +283,7 @@ def upsample_v7(X, *, mode="nearest", scales):
     return _resize_by_scales_v10(X, list(scales), mode)
 
 
-@register("Upsample", since=9)
+@register("Upsample", since=9, host_inputs=(1,))
 def upsample(X, scales, *, mode="nearest"):
     return _resize_by_scales_v10(X, scales.cpu().tolist(), mode)
 

@@ -33,11 +33,14 @@ def _wrap_negative(indices: torch.Tensor, size: int | torch.Tensor) -> torch.Ten
 
 
 def _linear_index(indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Index tuples in the last dim of ``indices`` as offsets into a flattened ``shape``."""
-    sizes = torch.tensor(shape, dtype=torch.int64, device=indices.device)
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    strides = torch.tensor(strides, dtype=torch.int64, device=indices.device)
-    return (_wrap_negative(indices, sizes) * strides).sum(-1)
+    """Index tuples in the last dim of ``indices`` as offsets into a flattened ``shape``.
+
+    Sizes enter as Python numbers, not tensors: nothing is copied from the host, so the op can be
+    captured in a CUDA graph."""
+    linear = torch.zeros(indices.shape[:-1], dtype=torch.int64, device=indices.device)
+    for axis, size in enumerate(shape):
+        linear = linear * size + _wrap_negative(indices[..., axis], size)
+    return linear
 
 
 @register("Gather", since=1)
@@ -109,7 +112,7 @@ def tensor_scatter(past_cache, update, write_indices=None, *, axis=-2, mode="lin
     return past_cache.scatter(axis, positions.reshape(view).expand(update.shape), update)
 
 
-@register("OneHot", since=9)
+@register("OneHot", since=9, host_inputs=(1,))
 def one_hot(indices, depth, values, *, axis=-1):
     size = int(depth.item())
     rank = indices.dim() + 1
@@ -147,7 +150,7 @@ def top_k_v1(X, *, k, axis=-1, _input_types=(0,)):
     return _top_k(X, k, axis, 1, _input_types[0])
 
 
-@register("TopK", since=10)
+@register("TopK", since=10, host_inputs=(1,))
 def top_k(X, K, *, axis=-1, largest=1, sorted=1, _input_types=(0, 0)):
     # The order of an unsorted result is unspecified, so a sorted one is fine.
     return _top_k(X, ints(K)[0], axis, largest, _input_types[0])
@@ -188,12 +191,12 @@ def _scan(x, axis, exclusive: int, reverse: int, scan, identity: int):
     return out.flip(axis) if reverse else out
 
 
-@register("CumSum", since=11)
+@register("CumSum", since=11, host_inputs=(1,))
 def cum_sum(x, axis, *, exclusive=0, reverse=0):
     return _scan(x, axis, exclusive, reverse, torch.cumsum, 0)
 
 
-@register("CumProd", since=26)
+@register("CumProd", since=26, host_inputs=(1,))
 def cum_prod(x, axis, *, exclusive=0, reverse=0):
     return _scan(x, axis, exclusive, reverse, torch.cumprod, 1)
 

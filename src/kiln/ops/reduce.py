@@ -137,7 +137,7 @@ def _register_reduce(op: str, axes_input_since: int) -> None:
         return _reduce(op, data, axes, keepdims, noop_with_empty_axes)
 
     register(op, since=1)(with_axes_attribute)
-    register(op, since=axes_input_since)(with_axes_input)
+    register(op, since=axes_input_since, host_inputs=(1,))(with_axes_input)
 
 
 for _op in _REDUCTIONS:

@@ -10,6 +10,12 @@ torch device to create new tensors on), ``_num_outputs`` (how many outputs the n
 ``_input_types`` / ``_output_types`` (the ONNX element types the model declares for the node's
 values, 0 where unknown — they tell apart types that share a storage dtype, such as int4 and int8).
 Graph attributes arrive as :class:`Subgraph` callables.
+
+``host_inputs`` lists the inputs an implementation reads on the host (a target shape, slice
+bounds, axes): on a GPU the runtime keeps such values in host memory where it can, so reading
+them costs no device synchronisation and the step can be captured in a CUDA graph.
+``metadata_only`` marks ops whose outputs depend only on their inputs' shapes (Shape, Size): their
+outputs can live in host memory whatever device their inputs are on.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class OpImpl:
     since: int
     fn: Callable[..., Any]
     wants: frozenset[str]  # which of the caller-filled keyword parameters fn declares
+    host_inputs: frozenset[int] = frozenset()
+    metadata_only: bool = False
 
     def bind(
         self,
@@ -73,7 +81,13 @@ def normalize_domain(domain: str | None) -> str:
 
 
 def register(
-    op_type: str, *, since: int = 1, domain: str = DEFAULT_DOMAIN, replace: bool = False
+    op_type: str,
+    *,
+    since: int = 1,
+    domain: str = DEFAULT_DOMAIN,
+    replace: bool = False,
+    host_inputs: Sequence[int] = (),
+    metadata_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` for ``op_type`` from opset ``since`` until the next registration's ``since``.
 
@@ -89,6 +103,8 @@ def register(
             since=since,
             fn=fn,
             wants=frozenset(parameters) & CALLER_FILLED,
+            host_inputs=frozenset(host_inputs),
+            metadata_only=metadata_only,
         )
         versions = _REGISTRY.setdefault((impl.domain, op_type), [])
         if any(v.since == since for v in versions):

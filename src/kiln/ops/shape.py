@@ -91,7 +91,10 @@ def pad_axis(
     if mode == "constant":
         shape = list(data.shape)
         shape[axis] += before + after
-        fill = torch.as_tensor(value, device=data.device).to(data.dtype).reshape(())
+        fill = (
+            value.to(data.device, data.dtype).reshape(()) if isinstance(value, torch.Tensor)
+            else torch.full((), value, dtype=data.dtype, device=data.device)
+        )
         out = fill.expand(shape).clone()
         out.narrow(axis, before, size).copy_(data)
         return out
@@ -115,13 +118,13 @@ def pad_axis(
 # --- shapes ------------------------------------------------------------------------------------
 
 
-@register("Shape", since=1)
+@register("Shape", since=1, metadata_only=True)
 def shape(data, *, start=0, end=None, _device):
     # Python slicing counts negative axes from the back and clamps exactly as ONNX does.
     return torch.tensor(list(data.shape)[start:end], dtype=torch.int64, device=_device)
 
 
-@register("Size", since=1)
+@register("Size", since=1, metadata_only=True)
 def size(data, *, _device):
     return torch.tensor(math.prod(data.shape), dtype=torch.int64, device=_device)
 
@@ -138,7 +141,7 @@ def reshape_v1(data, *, shape, consumed_inputs=None):
     return _reshape(data, shape, allowzero=0)
 
 
-@register("Reshape", since=5)
+@register("Reshape", since=5, host_inputs=(1,))
 @moves_strings
 def reshape(data, shape, *, allowzero=0):
     return _reshape(data, ints(shape), allowzero)
@@ -164,7 +167,7 @@ def squeeze_v1(data, *, axes=None):
     return _squeeze(data, axes)
 
 
-@register("Squeeze", since=13)
+@register("Squeeze", since=13, host_inputs=(1,))
 @moves_strings
 def squeeze(data, axes=None):
     return _squeeze(data, ints(axes))
@@ -183,7 +186,7 @@ def unsqueeze_v1(data, *, axes):
     return _unsqueeze(data, axes)
 
 
-@register("Unsqueeze", since=13)
+@register("Unsqueeze", since=13, host_inputs=(1,))
 @moves_strings
 def unsqueeze(data, axes):
     return _unsqueeze(data, ints(axes))
@@ -195,7 +198,7 @@ def transpose(data, *, perm=None):
     return data.permute(perm if perm is not None else list(reversed(range(data.dim()))))
 
 
-@register("Expand", since=8)
+@register("Expand", since=8, host_inputs=(1,))
 @moves_strings
 def expand(input, shape):
     # Broadcasting goes both ways: a 1 in `shape` keeps the input's dimension.
@@ -210,7 +213,7 @@ def tile_v1(input, tiles, axis):
     return input.repeat(repeats)
 
 
-@register("Tile", since=6)
+@register("Tile", since=6, host_inputs=(1,))
 @moves_strings
 def tile(input, repeats):
     return input.repeat(ints(repeats))
@@ -244,7 +247,7 @@ def split_v1(input, split_input=None, *, axis=0, split=None, _num_outputs):
     return _split(input, split if split is not None else ints(split_input), axis, _num_outputs)
 
 
-@register("Split", since=13)
+@register("Split", since=13, host_inputs=(1,))
 @moves_strings
 def split(input, split=None, *, axis=0, num_outputs=None, _num_outputs):
     return _split(input, ints(split), axis, num_outputs or _num_outputs)
@@ -278,7 +281,7 @@ def slice_v1(data, *, starts, ends, axes=None):
     return _slice(data, starts, ends, axes, None)
 
 
-@register("Slice", since=10)
+@register("Slice", since=10, host_inputs=(1, 2, 3, 4))
 @moves_strings
 def slice_(data, starts, ends, axes=None, steps=None):
     return _slice(data, ints(starts), ints(ends), ints(axes), ints(steps))
@@ -302,13 +305,18 @@ def pad_v2(data, *, pads, mode="constant", value=0.0):
     return _pad(data, pads, mode, value, None)
 
 
-@register("Pad", since=11)
+@register("Pad", since=11, host_inputs=(1, 2, 3))
 def pad(data, pads, constant_value=None, axes=None, *, mode="constant"):
-    value = 0 if constant_value is None else constant_value
+    if constant_value is None:
+        value = 0
+    elif constant_value.device.type == "cpu":  # read where it is: no copy to the device
+        value = constant_value.reshape(()).item()
+    else:
+        value = constant_value
     return _pad(data, ints(pads), mode, value, ints(axes))
 
 
-@register("CenterCropPad", since=18)
+@register("CenterCropPad", since=18, host_inputs=(1,))
 def center_crop_pad(input_data, shape, *, axes=None):
     rank = input_data.dim()
     axes = range(rank) if axes is None else [normalize_axis(a, rank) for a in axes]
@@ -358,7 +366,7 @@ def constant(
     return np.array(text, dtype=object)
 
 
-@register("ConstantOfShape", since=9)
+@register("ConstantOfShape", since=9, host_inputs=(0,))
 def constant_of_shape(input, *, value=None, _device):
     shape = ints(input)
     if value is None:
@@ -366,7 +374,7 @@ def constant_of_shape(input, *, value=None, _device):
     return value.reshape(()).expand(shape).clone()
 
 
-@register("Range", since=11)
+@register("Range", since=11, host_inputs=(0, 1, 2))
 def range_(start, limit, delta, *, stash_type=1):
     # Range-11..26 have no stash_type: computing half types in float32 is at least as accurate.
     dtype = start.dtype
@@ -390,7 +398,7 @@ def eye_like(input, *, dtype=None, k=0):
     return on_diagonal.to(input.dtype if dtype is None else torch_dtype(dtype))
 
 
-@register("Trilu", since=14)
+@register("Trilu", since=14, host_inputs=(1,))
 def trilu(input, k=None, *, upper=1):
     diagonal = 0 if k is None else int(k.item())
     return torch.triu(input, diagonal) if upper else torch.tril(input, diagonal)
@@ -420,7 +428,7 @@ def space_to_depth(input, *, blocksize, mode="DCR"):
     return tiles.permute(order).reshape(b, c * blocksize**2, h // blocksize, w // blocksize)
 
 
-@register("Col2Im", since=18)
+@register("Col2Im", since=18, host_inputs=(1, 2))
 def col2im(input, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
     image, block = ints(image_shape), ints(block_shape)
     n = len(image)

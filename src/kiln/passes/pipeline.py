@@ -3,7 +3,7 @@
 0: cleanup only (inline functions, remove dead nodes, sort) — no simplification, no fusion, so a
    wrong fusion can be found by bisecting levels.
 1: + simplification (constant folding through ``ops``, no-op removal, common subexpressions,
-   shape arithmetic).
+   shape arithmetic), then sequence splits indexed at constant positions as plain Splits.
 2: + local fusions (BatchNorm folding, GELU/SiLU/HardSwish, LayerNorm/RMSNorm).
 3: + epilogue fusions (Conv/Gemm/MatMul with bias, activation, residual), attention, and
    pointwise grouping. The default.
@@ -34,6 +34,7 @@ from kiln.passes.fuse_pointwise import group_pointwise
 from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
 from kiln.passes.shapes import InferShapes
 from kiln.passes.simplify import simplify
+from kiln.passes.split_sequence import split_sequence
 
 
 def cleanup() -> list[GraphPass]:
@@ -54,6 +55,7 @@ def passes_for(
     passes = cleanup()
     if opt_level >= 1:
         passes += simplify()  # shapes first: folding and the fusions' checks read them
+        passes.append(split_sequence())  # after folding: sizes and positions are constants
     if opt_level >= 2:
         passes += [fold_batchnorm(), fuse_activations(), fuse_norm()]
     if opt_level >= 3:

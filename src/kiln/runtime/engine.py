@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,8 +12,11 @@ import torch
 from kiln.engine import format as engine_format
 from kiln.engine.format import EngineData
 from kiln.errors import EngineCompatibilityError, EngineFormatError
-from kiln.runtime.executor import Program, string_tensor
+from kiln.runtime.executor import Program, WeightStore, string_tensor
+from kiln.kernels.arithmetic import fp32_arithmetic
+from kiln.runtime.graphs import GraphCache, signature_of
 from kiln.runtime.io import TensorInfo, bind_inputs, export_outputs
+from kiln.runtime.profiles import Profile, check_profiles, read_profiles
 from kiln.runtime.timing import COMPUTE, DEVICE_TO_HOST, HOST_TO_DEVICE, RUN_START, Timeline
 
 
@@ -25,27 +28,36 @@ class Engine:
     torch tensors on the engine's device otherwise.
     """
 
-    def __init__(self, data: EngineData, device: str | None = None, source: str = "engine") -> None:
+    def __init__(
+        self, data: EngineData, device: str | None = None, source: str = "engine",
+        cuda_graphs: bool = True,
+    ) -> None:
         manifest = data.manifest
         self._data = data
         self.device = torch.device(_check_device(manifest, device, source))
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         try:
-            weights: dict[str, Any] = {
-                key: tensor.to(self.device) for key, tensor in data.tensors.items()
-            }
-            weights.update(
+            tensors: dict[str, Any] = dict(data.tensors)
+            tensors.update(
                 {key: string_tensor(e) for key, e in manifest.get("string_tensors", {}).items()}
             )
-            self._program = Program(manifest["plan"], weights, self.device)
+            self._program = Program(manifest["plan"], WeightStore(tensors, self.device), self.device)
             self.inputs = [TensorInfo.from_json(e) for e in manifest["signature"]["inputs"]]
             self.outputs = [TensorInfo.from_json(e) for e in manifest["signature"]["outputs"]]
+            self._profiles = read_profiles(manifest)
             self._tf32 = manifest.get("precision") == "tf32"
         except (KeyError, TypeError, ValueError) as error:
             raise EngineFormatError(f"{source}: the engine's plan is malformed ({error})") from None
+        self._context = ExecutionContext(self)
 
     @property
     def manifest(self) -> dict[str, Any]:
         return self._data.manifest
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        """The optimization profiles the engine was built with; inputs must fit one of them."""
+        return self._profiles
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -56,19 +68,26 @@ class Engine:
         """Per optimization pass: name, node counts before and after, matches per rule, seconds."""
         return self._data.manifest["build"]["passes"]
 
-    def run(self, inputs: Mapping[str, Any], timeline: Timeline | None = None) -> dict[str, Any]:
-        """Run on ``inputs``; ``timeline`` (see :mod:`kiln.runtime.timing`) times the run."""
-        mark = timeline.mark if timeline is not None else _no_mark
-        layer_timeline = timeline if timeline is not None and timeline.layers else None
-        mark(RUN_START)
-        bound, as_numpy = bind_inputs(self.inputs, inputs, self.device)
-        mark(HOST_TO_DEVICE)
-        with torch.inference_mode(), fp32_arithmetic(self._tf32):
-            values = self._program.run(self._program.new_env(bound), layer_timeline)
-        mark(COMPUTE)
-        outputs = export_outputs(self.outputs, values, as_numpy)
-        mark(DEVICE_TO_HOST)
-        return outputs
+    def run(
+        self, inputs: Mapping[str, Any], timeline: Timeline | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> dict[str, Any]:
+        """Run on ``inputs``; ``timeline`` (see :mod:`kiln.runtime.timing`) times the run.
+
+        ``stream``: the CUDA stream to run on (the current one by default). Runs through
+        ``Engine.run`` share one :class:`ExecutionContext`; concurrent callers each need their own
+        (:meth:`create_context`).
+        """
+        return self._context.run(inputs, timeline, stream)
+
+    @property
+    def captured_signatures(self) -> int:
+        """How many input-shape signatures ``run`` replays from a CUDA graph."""
+        return self._context.captured_signatures
+
+    def create_context(self, cuda_graphs: bool | None = None) -> ExecutionContext:
+        """A new execution context: its own CUDA graphs and memory, for one concurrent caller."""
+        return ExecutionContext(self, self.cuda_graphs if cuda_graphs is None else cuda_graphs)
 
     def save(self, path: str | os.PathLike) -> None:
         engine_format.save(self._data, path)
@@ -82,25 +101,61 @@ class Engine:
         return f"<kiln.Engine on {self.device}: ({ins}) -> ({outs}), {len(self.layers)} layers>"
 
 
+class ExecutionContext:
+    """One caller's state for running an engine: its captured CUDA graphs and their memory.
+
+    Runs on one context are serial; concurrent streams or threads each take their own context.
+    On a GPU, each input-shape signature is captured in a CUDA graph on its second run and
+    replayed from then on (see :mod:`kiln.runtime.graphs`), unless ``cuda_graphs`` is off or the
+    run is profiled layer by layer.
+    """
+
+    def __init__(self, engine: Engine, cuda_graphs: bool | None = None) -> None:
+        self.engine = engine
+        enabled = engine.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self._graphs = GraphCache() if enabled and engine.device.type == "cuda" else None
+
+    @property
+    def captured_signatures(self) -> int:
+        """How many input-shape signatures this context replays from a CUDA graph."""
+        return 0 if self._graphs is None else self._graphs.captured
+
+    def run(
+        self, inputs: Mapping[str, Any], timeline: Timeline | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> dict[str, Any]:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return self._run(inputs, timeline)
+
+    def _run(self, inputs: Mapping[str, Any], timeline: Timeline | None) -> dict[str, Any]:
+        engine = self.engine
+        mark = timeline.mark if timeline is not None else _no_mark
+        layer_timeline = timeline if timeline is not None and timeline.layers else None
+        mark(RUN_START)
+        bound, as_numpy = bind_inputs(engine.inputs, inputs, engine.device)
+        check_profiles(engine.profiles, bound)
+        mark(HOST_TO_DEVICE)
+        program = engine._program
+
+        def compute(feed: dict[str, Any]) -> list[Any]:
+            return program.run(program.new_env(feed), layer_timeline)
+
+        with torch.inference_mode(), fp32_arithmetic(engine._tf32):
+            key = signature_of(bound) if self._graphs is not None and layer_timeline is None else None
+            if key is None:
+                values, static = compute(bound), False
+            else:
+                values, static = self._graphs.run(key, bound, compute)
+            if static and not as_numpy:  # the next replay overwrites the graph's buffers
+                values = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+        mark(COMPUTE)
+        outputs = export_outputs(engine.outputs, values, as_numpy)
+        mark(DEVICE_TO_HOST)
+        return outputs
+
+
 def _no_mark(label: str) -> None:
     pass
-
-
-@contextlib.contextmanager
-def fp32_arithmetic(tf32: bool = False) -> Iterator[None]:
-    """fp32 matmuls and convolutions as the engine promises, whatever the process set: strict
-    (no TF32) by default, on TF32 tensor cores for a ``tf32`` engine."""
-    matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-
-
-def strict_fp32() -> contextlib.AbstractContextManager[None]:
-    return fp32_arithmetic(tf32=False)
 
 
 def _check_device(manifest: dict[str, Any], device: str | None, source: str) -> str:
@@ -121,10 +176,11 @@ def _check_device(manifest: dict[str, Any], device: str | None, source: str) -> 
     return device
 
 
-def load(path: str | os.PathLike, device: str | None = None) -> Engine:
-    """Load an engine file; ``device`` defaults to the one it was built for."""
-    return Engine(engine_format.load(path), device, source=str(path))
+def load(path: str | os.PathLike, device: str | None = None, cuda_graphs: bool = True) -> Engine:
+    """Load an engine file; ``device`` defaults to the one it was built for. ``cuda_graphs``:
+    capture and replay runs on a GPU as CUDA graphs (see :class:`ExecutionContext`)."""
+    return Engine(engine_format.load(path), device, source=str(path), cuda_graphs=cuda_graphs)
 
 
-def from_bytes(blob: bytes, device: str | None = None) -> Engine:
-    return Engine(engine_format.loads(blob), device)
+def from_bytes(blob: bytes, device: str | None = None, cuda_graphs: bool = True) -> Engine:
+    return Engine(engine_format.loads(blob), device, cuda_graphs=cuda_graphs)

@@ -13,6 +13,7 @@ import torch
 from kiln.errors import EngineFormatError, ShapeError
 from kiln.kernels.launch import launcher
 from kiln.ops.registry import OpImpl
+from kiln.runtime.placement import Placement, place
 from kiln.runtime.timing import Timeline
 
 
@@ -28,19 +29,67 @@ class _BoundStep:
     release: list[str]
 
 
-class Program:
-    """A plan graph bound to its launchers and weights, ready to run."""
+class WeightStore:
+    """An engine's tensors as loaded (host memory), copied to the device once, when first asked."""
 
-    def __init__(self, graph: dict[str, Any], weights: Mapping[str, Any], device: torch.device):
+    def __init__(self, tensors: Mapping[str, Any], device: torch.device) -> None:
+        self.tensors = tensors
+        self.device = device
+        self._on_device: dict[str, Any] = {}
+
+    def get(self, key: str, on_host: bool = False) -> Any:
+        tensor = self.tensors[key]
+        if on_host or not isinstance(tensor, torch.Tensor):
+            return tensor
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(self.device)
+        return self._on_device[key]
+
+
+_HOST = torch.device("cpu")
+
+
+class Program:
+    """A plan graph bound to its launchers and weights, ready to run.
+
+    On a GPU, shape arithmetic stays in host memory (see :mod:`kiln.runtime.placement`).
+    """
+
+    def __init__(self, graph: dict[str, Any], weights: WeightStore, device: torch.device):
         self.device = device
         self.name = graph["name"]
         self.inputs: list[str] = graph["inputs"]
         self.outputs: list[str] = graph["outputs"]
-        self.weights = {value: weights[key] for value, key in graph["weights"].items()}
         self.release_unused_inputs: list[str] = graph["release_unused_inputs"]
-        self.steps = [self._bind(step, weights) for step in graph["steps"]]
+        steps = graph["steps"]
+        launches = [
+            launcher(step["recipe"], step["op"], step["domain"], step["opset"], step["name"])
+            for step in steps
+        ]
+        impls = [launch.impl for launch in launches]
+        if device.type == "cpu":
+            placement = Placement(frozenset(), frozenset())
+        else:
+            sources = {value: weights.tensors[key] for value, key in graph["weights"].items()}
+            placement = place(steps, impls, sources, self.outputs)
+        self.host_values = placement.host_values
+        self.weights = {
+            value: weights.get(key, on_host=value in placement.host_values)
+            for value, key in graph["weights"].items()
+        }
+        for step, launch in zip(steps, launches):
+            for index, prepare in launch.prepare_weights.items():
+                name = step["inputs"][index] if index < len(step["inputs"]) else None
+                if name in self.weights and name not in self.host_values:
+                    self.weights[name] = prepare(self.weights[name])
+        self.steps = [
+            self._bind(step, impl, weights, _HOST if i in placement.host_steps else device)
+            for i, (step, impl) in enumerate(zip(steps, impls))
+        ]
 
-    def _bind(self, step: dict[str, Any], weights: Mapping[str, Any]) -> _BoundStep:
+    def _bind(
+        self, step: dict[str, Any], impl: OpImpl, weights: WeightStore, device: torch.device
+    ) -> _BoundStep:
         attributes, graphs = {}, {}
         for name, encoded in step["attributes"].items():
             (kind, value), = encoded.items()
@@ -49,15 +98,14 @@ class Program:
             elif kind == "graphs":
                 graphs[name] = [Program(g, weights, self.device) for g in value]
             elif kind == "tensor":
-                attributes[name] = weights[value]
+                attributes[name] = weights.get(value, on_host=device.type == "cpu")
             elif kind == "tensors":
-                attributes[name] = [weights[key] for key in value]
+                attributes[name] = [weights.get(k, on_host=device.type == "cpu") for k in value]
             else:
                 attributes[name] = value
         inputs = list(step["inputs"])
         while inputs and inputs[-1] is None:  # trailing omitted inputs are not passed at all
             inputs.pop()
-        impl = launcher(step["recipe"], step["op"], step["domain"], step["opset"], step["name"])
         return _BoundStep(
             name=step["name"],
             op=step["op"],
@@ -65,7 +113,7 @@ class Program:
             inputs=inputs,
             outputs=step["outputs"],
             attributes=impl.bind(
-                attributes, self.device, len(step["outputs"]), step["input_types"], step["output_types"]
+                attributes, device, len(step["outputs"]), step["input_types"], step["output_types"]
             ),
             graphs=graphs,
             release=step["release"],

@@ -1,5 +1,6 @@
-"""Selection among the choices of each kernel spec."""
+"""Selection among the choices of each kernel spec, with a persistent timing cache."""
 
-from kiln.tune.select import select_choice
+from kiln.tune.cache import TimingCache
+from kiln.tune.select import Selection, Tuner
 
-__all__ = ["select_choice"]
+__all__ = ["Selection", "TimingCache", "Tuner"]

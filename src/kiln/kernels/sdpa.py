@@ -1,0 +1,48 @@
+"""Attention through one chosen back end of PyTorch's scaled_dot_product_attention.
+
+Left to itself, SDPA picks a back end by heuristics; tuning times each instead. A back end that
+cannot take a spec (Flash attention takes no additive mask) fails when timed and is not chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kiln.kernels.choice import Choice, Launch, with_fn
+from kiln.ops.activation import KILN
+from kiln.ops.registry import OpImpl
+
+if TYPE_CHECKING:
+    from kiln.lowering.spec import KernelSpec
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+class SdpaChoice(Choice):
+    op_types = ((KILN, "Attention"),)
+
+    def __init__(self, backend: str) -> None:
+        self.id = f"sdpa-{backend}"
+        self.backend = BACKENDS[backend]
+
+    def supports(self, spec: KernelSpec, device: str) -> bool:
+        return device == "cuda"
+
+    def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
+        backend = self.backend
+
+        def run(*inputs, **attributes):
+            with sdpa_kernel(backend):
+                return reference.fn(*inputs, **attributes)
+
+        return Launch(with_fn(reference, run))
+
+
+SDPA_CHOICES = [SdpaChoice(name) for name in BACKENDS]
