@@ -62,7 +62,7 @@ def test_resnet_replays_match_onnxruntime(resnet_onnx):
 
 def _nonzero_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [1, "nonzero"])
     nodes = [helper.make_node("NonZero", ["x"], ["y"])]
     graph = helper.make_graph(nodes, "nonzero", [x], [y])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -42,6 +42,8 @@ class Choice(ABC):
 
     id: ClassVar[str]
     op_types: ClassVar[tuple[tuple[str, str], ...]]  # (domain, op type)
+    # Fast for some shapes only: taken when timing says so, never as the untimed default.
+    timed_only: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, spec: KernelSpec, device: str) -> bool: ...

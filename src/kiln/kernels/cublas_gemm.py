@@ -54,11 +54,18 @@ class CublasLtGemmChoice(Choice):
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         epilogue = recipe.get("epilogue", "")
 
+        zero_biases: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
         def run(a, b, bias=None, residual=None, *, trans_b=0, activation="", activation_params=None,
                 residual_after_activation=0, **_same_as_reference):
             weight = b.t() if trans_b else b
             rows = a.reshape(-1, a.shape[-1])
-            fused = epilogue and bias is not None and (residual is None or residual_after_activation)
+            fused = epilogue and (residual is None or residual_after_activation)
+            if fused and bias is None:  # the epilogue needs a bias: zeros (folded away bias adds)
+                key = (weight.shape[-1], a.dtype, a.device)
+                if key not in zero_biases:
+                    zero_biases[key] = torch.zeros(key[0], dtype=a.dtype, device=a.device)
+                bias = zero_biases[key]
             if fused:
                 y = torch._addmm_activation(bias, rows, weight, use_gelu=EPILOGUE_ACTIVATIONS[epilogue])
                 activation = ""

@@ -2,6 +2,8 @@
 
 Left to itself, SDPA picks a back end by heuristics; tuning times each instead. A back end that
 cannot take a spec (Flash attention takes no additive mask) fails when timed and is not chosen.
+Within a profile's range a shape the tuned back end cannot take (an alignment it needs) falls back
+to PyTorch's own selection: the refusal comes before any launch, so CUDA graphs capture either.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ BACKENDS = {
 class SdpaChoice(Choice):
     op_types = ((KILN, "Attention"),)
 
+    timed_only = True  # a back end suits some shapes only: chosen by timing, never by default
+
     def __init__(self, backend: str) -> None:
         self.id = f"sdpa-{backend}"
         self.backend = BACKENDS[backend]
@@ -39,8 +43,13 @@ class SdpaChoice(Choice):
         backend = self.backend
 
         def run(*inputs, **attributes):
-            with sdpa_kernel(backend):
-                return reference.fn(*inputs, **attributes)
+            try:
+                with sdpa_kernel(backend):
+                    return reference.fn(*inputs, **attributes)
+            except RuntimeError as error:
+                if "No available kernel" not in str(error):
+                    raise
+            return reference.fn(*inputs, **attributes)
 
         return Launch(with_fn(reference, run))
 

@@ -63,8 +63,9 @@ def _filled(where: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tenso
 
 def _raise_floor(mask: torch.Tensor) -> torch.Tensor:
     """Finite mask values near the type's minimum raised to a quarter of it. CUDA's fused SDPA
-    kernels scale the mask by log2(e), which turns such values into -inf (a row of them would
-    give zeros instead of the graph's uniform softmax); -inf stays."""
+    kernels scale the mask by log2(e) in float32, which turns such float32 values into -inf (a row
+    of them would give zeros instead of the graph's uniform softmax); -inf stays. 16-bit masks
+    need none of this: their minimum times log2(e) is a finite float32."""
     floor = torch.finfo(mask.dtype).min / 4
     return torch.where(torch.isneginf(mask), mask, mask.clamp(min=floor))
 
@@ -92,7 +93,7 @@ def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0
         mask = mask.expand(*mask.shape[:-1], k.shape[-2]).contiguous()
     if mask is not None and causal:
         mask = _with_causal(mask, q.shape[-2], k.shape[-2], causal_fill, q.dtype)
-    if mask is not None and mask.dtype != torch.bool:
+    if mask is not None and mask.dtype in (torch.float32, torch.float64):
         mask = _raise_floor(mask)
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=bool(causal) and mask is None, scale=scale

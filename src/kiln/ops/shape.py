@@ -375,7 +375,7 @@ def constant_of_shape(input, *, value=None, _device):
 
 
 @register("Range", since=11, host_inputs=(0, 1, 2))
-def range_(start, limit, delta, *, stash_type=1):
+def range_(start, limit, delta, *, stash_type=1, _device):
     # Range-11..26 have no stash_type: computing half types in float32 is at least as accurate.
     dtype = start.dtype
     first, stop, step = start.item(), limit.item(), delta.item()
@@ -386,7 +386,7 @@ def range_(start, limit, delta, *, stash_type=1):
     compute = dtype
     if dtype in (torch.float16, torch.bfloat16):
         compute = torch.float64 if stash_type == 11 else torch.float32
-    values = torch.arange(count, dtype=compute, device=start.device) * step + first
+    values = torch.arange(count, dtype=compute, device=_device) * step + first
     return values.to(dtype)
 
 

@@ -58,11 +58,12 @@ class Tuner:
 
     def select(self, spec: KernelSpec) -> Selection:
         candidates = choices_for(spec, self.device)
+        default = next(c for c in candidates if not c.timed_only)
         if len(candidates) == 1 or self.level < 2 or self.device != "cuda":
-            return Selection(candidates[0], {})
+            return Selection(default, {})
         shapes = self._shapes(spec)
         if shapes is None:
-            return Selection(candidates[0], {})
+            return Selection(default, {})
         key = TimingCache.key({"spec": spec.to_json(), "shapes": shapes, "target": self.target})
         timings = self.cache.get(key)
         cached = timings is not None and all(c.id in timings for c in candidates)
