@@ -87,7 +87,10 @@ def resnet50() -> nn.Module:
 def vit_b_16() -> nn.Module:
     from torchvision.models import vit_b_16
 
-    return vit_b_16(weights=None)
+    model = vit_b_16(weights=None)
+    # torchvision starts the classifier at zero: random weights give outputs to compare
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def bert_base() -> nn.Module:

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep layer NAME (as `kiln inspect` shows it) in fp32 under fp16/bf16; repeatable",
     )
     parser.add_argument(
+        "--timing-cache", metavar="PATH",
+        help="kernel timings to reuse and extend (a JSON file; shared across builds and models)",
+    )
+    parser.add_argument(
         "--shapes", action="append", default=[], type=profile_spec,
         metavar="NAME:MIN,OPT,MAX",
         help="an optimization profile: each input's min, opt and max shapes (e.g. ids:1x16,8x128,64x512; "
@@ -75,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         engine = build(
             args.model, device=args.device, opt_level=args.opt_level,
             debug_outputs=args.debug_outputs, precision=args.precision,
-            layer_precisions=_layer_precisions(args.layer_precision), profiles=args.shapes,
+            layer_precisions=_layer_precisions(args.layer_precision), profiles=args.shapes, timing_cache=args.timing_cache,
             progress=progress,
         )
         with phase(progress, "write") as current:

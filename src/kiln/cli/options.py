@@ -80,6 +80,8 @@ def build_quietly(model: str | Path, args: argparse.Namespace, **options: Any) -
 
 def engine_from(path: str, args: argparse.Namespace) -> kiln.Engine:
     """Load an engine file, or build one from an ONNX model (by its ``.onnx`` suffix)."""
+    cuda_graphs = not getattr(args, "no_cuda_graph", False)
     if is_onnx_model(path):
-        return build_quietly(path, args)
-    return kiln.load(path, device=args.device)
+        engine = build_quietly(path, args)
+        return engine if cuda_graphs else kiln.runtime.from_bytes(engine.to_bytes(), cuda_graphs=False)
+    return kiln.load(path, device=args.device, cuda_graphs=cuda_graphs)

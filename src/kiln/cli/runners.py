@@ -6,6 +6,7 @@ Every runner takes and returns NumPy arrays by name, so each is timed end to end
 
 from __future__ import annotations
 
+import threading
 import importlib
 import importlib.util
 import os
@@ -41,9 +42,14 @@ class KilnRunner:
 
     def __init__(self, engine: kiln.Engine) -> None:
         self.engine = engine
+        self._local = threading.local()  # one execution context per thread (stream)
 
     def infer(self, feed: Mapping[str, Any], timeline: Timeline | None = None) -> dict[str, Any]:
-        return self.engine.run(feed, timeline)
+        if threading.current_thread() is threading.main_thread():
+            return self.engine.run(feed, timeline)
+        if not hasattr(self._local, "context"):
+            self._local.context = self.engine.create_context()
+        return self._local.context.run(feed, timeline)
 
 
 class OnnxRuntimeRunner:
