@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 import kiln
+from timing import median_ms
 
 HERE = Path(__file__).resolve().parent
 SEQUENCE = 128
@@ -146,25 +147,6 @@ class Settings:
     engines: Path
 
 
-def median_ms(fn: Callable[[], object], settings: Settings) -> float:
-    for _ in range(settings.warmup):
-        fn()
-    times = []
-    for _ in range(settings.runs):
-        if settings.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
 def wall_seconds(fn: Callable[[], object], device: str) -> tuple[float, object]:
     begin = time.perf_counter()
     result = fn()
@@ -248,7 +230,7 @@ def run_kiln(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[st
     print(f"    built in {build_s:.1f} s, loaded in {load_s:.2f} s; timing", flush=True)
     given = dict(zip(names, inputs))
     feed = {info.name: given[info.name].to(settings.device) for info in engine.inputs}
-    ms = median_ms(lambda: engine.run(feed), settings)
+    ms = median_ms(lambda: engine.run(feed), settings.device, settings.runs, settings.warmup)
     peak = peak_memory(settings.device)
     output = next(iter(engine.run(feed).values()))
     return {"ms": ms, "exporter": exporter, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
@@ -261,7 +243,7 @@ def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, s
     args = tuple(x.to(settings.device, dtype if x.is_floating_point() else x.dtype) for x in inputs)
     with torch.inference_mode():
         if system == EAGER:
-            return {"ms": median_ms(lambda: module(*args), settings), **peak_memory(settings.device)}
+            return {"ms": median_ms(lambda: module(*args), settings.device, settings.runs, settings.warmup), **peak_memory(settings.device)}
         compiled = torch.compile(module, mode=COMPILE_MODES[system], dynamic=False)
 
         def call() -> torch.Tensor:
@@ -272,7 +254,7 @@ def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, s
         compile_s, _ = wall_seconds(call, settings.device)
         if settings.device == "cuda":
             torch.cuda.reset_peak_memory_stats()  # what running takes, as for kiln after its build
-        ms = median_ms(call, settings)
+        ms = median_ms(call, settings.device, settings.runs, settings.warmup)
     return {"ms": ms, "compile_s": round(compile_s, 3), **peak_memory(settings.device)}
 
 
