@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
 
+HALF_TYPES = (10, 16)  # ONNX FLOAT16, BFLOAT16
+FLOAT_TYPES = (1, *HALF_TYPES)  # and FLOAT: the types tensor-core library kernels take
+
+
 @dataclass(frozen=True)
 class Launch:
     """A step's callable, and how it wants the weights among its inputs laid out.

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kiln.kernels.choice import Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn
+from kiln.kernels.choice import (
+    FLOAT_TYPES, HALF_TYPES, Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn,
+)
 from kiln.ops.activation import KILN, apply_epilogue
 from kiln.ops.registry import OpImpl
 
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
-HALF_TYPES = (10, 16)  # ONNX FLOAT16, BFLOAT16
-FLOAT_TYPES = (1, *HALF_TYPES)
 EPILOGUE_ACTIVATIONS = {"Relu": False, "GeluTanh": True}  # activation -> use_gelu
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.kernels.choice import (
-    Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn,
+    FLOAT_TYPES, Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn,
 )
 from kiln.ops.activation import KILN
 from kiln.ops.registry import OpImpl
@@ -22,7 +22,6 @@ from kiln.ops.registry import OpImpl
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
-FLOAT_TYPES = (1, 10, 16)  # ONNX FLOAT, FLOAT16, BFLOAT16
 CONV_OPS = (("", "Conv"), (KILN, "FusedConv"))
 
 

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
 
-from kiln.kernels.choice import Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn
+from kiln.kernels.choice import (
+    HALF_TYPES, Choice, Launch, attributes_of, input_dtypes, input_ranks, with_fn,
+)
 from kiln.ops.activation import KILN
 from kiln.ops.registry import OpImpl
 
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
-
-HALF_TYPES = (10, 16)  # ONNX FLOAT16, BFLOAT16
 
 
 def _normalizes_last_axis(spec: KernelSpec, device: str) -> bool:

@@ -22,13 +22,13 @@ import torch
 
 from kiln.kernels.arithmetic import fp32_arithmetic
 from kiln.kernels.catalog import FALLBACK, choices_for
-from kiln.kernels.choice import Choice
+from kiln.kernels.choice import Choice, attributes_of
 from kiln.lowering.spec import KernelSpec
 from kiln.ops.registry import lookup
 from kiln.tune.cache import TimingCache
 
 log = logging.getLogger("kiln.tune")
-FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torch.float64}
+TORCH_FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torch.float64}
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
@@ -84,7 +84,7 @@ class Tuner:
             if vtype is None:
                 shapes.append(None)
                 continue
-            if vtype.kind != "tensor" or vtype.shape is None or vtype.dtype not in FLOAT_TYPES:
+            if vtype.kind != "tensor" or vtype.shape is None or vtype.dtype not in TORCH_FLOAT_TYPES:
                 return None
             dims = [d if isinstance(d, int) else self.symbols.get(d) if isinstance(d, str) else None
                     for d in vtype.shape]
@@ -99,12 +99,12 @@ class Tuner:
         generator = torch.Generator(device="cuda").manual_seed(0)
         inputs = [
             None if shape is None else torch.randn(
-                shape, generator=generator, device="cuda", dtype=FLOAT_TYPES[vtype.dtype]
+                shape, generator=generator, device="cuda", dtype=TORCH_FLOAT_TYPES[vtype.dtype]
             )
             for shape, vtype in zip(shapes, spec.input_types)
         ]
         reference = lookup(spec.op_type, spec.opset, spec.domain)
-        attributes = {k: next(iter(v.values())) for k, v in json.loads(spec.attributes).items()}
+        attributes = attributes_of(spec)
         input_types = [t.dtype if t else 0 for t in spec.input_types]
         output_types = [t.dtype if t else 0 for t in spec.output_types]
         runs = 100 if self.level >= 5 else 20
