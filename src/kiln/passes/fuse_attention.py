@@ -5,8 +5,10 @@
 - the scale: a Mul or Div of the scores by a number, or sqrt(scale) on Q and on K^T (torch's
   decomposition of ``F.scaled_dot_product_attention``), the number possibly computed from the
   head size through Shape glue;
-- K^T: Transpose(0,1,3,2) of K, Transpose(0,2,3,1) straight from K's head split, or
-  Reshape/Transpose/Reshape swapping the last two axes;
+- K^T: Transpose(0,1,3,2) of K, Transpose(0,2,3,1) straight from K's head split,
+  Reshape/Transpose/Reshape swapping the last two axes, or Reshape [s, b*h, d] + Transpose(1,2,0)
+  + Reshape [b, h, d, s] of a sequence-first K [s, b, h*d] (torch.nn.MultiheadAttention's head
+  split and K's transpose, composed);
 - masks, at most one of each kind: a user mask (added, or Where(mask, scores, -inf)) and a causal
   mask (a constant lower triangle cut to the sequence lengths in a Where, an upper triangle of
   -inf added, or the same computed with Trilu), which leaves its glue behind;
@@ -27,6 +29,8 @@ Rules, in order: :class:`FuseMultiHeadAttention` (split + attention + merge, ``l
 :class:`FuseScaledDotProductAttention` (the attention alone, ``layout="bhsd"``),
 :class:`ReplaceOnnxAttention` (ONNX's own Attention op) and :class:`FusePackedQkvAttention`
 (timm's packed split and the merge around a heads-first kiln::Attention, ``layout="bsd_packed"``).
+torch.nn.MultiheadAttention's sequence-first split and merge around that attention are
+``fuse_mha``'s.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.passes.rewrite import (
-    KILN_DOMAIN, Match, RewritePass, RewriteRule, constant, kiln_node, producer,
+    KILN_DOMAIN, Match, RewritePass, RewriteRule, constant, initializer, kiln_node, producer,
 )
 
 Dim = int | str  # a static size, or the name of a symbolic one
@@ -49,7 +53,6 @@ Dim = int | str  # a static size, or the name of a symbolic one
 CAUSAL_FILL_LIMIT = -1e9
 HEADS_FIRST = (0, 2, 1, 3)  # [b, s, h, d] <-> [b, h, s, d]
 PACKED_PARTS_FIRST = (2, 0, 3, 1, 4)  # [b, s, 3, h, d] -> [3, b, h, s, d]
-FIRST_OF_FIVE = (0, -5)  # axis 0 of a 5-D tensor, as exporters may write it
 SEARCH_DEPTH = 12  # how many producers deep shapes are worked out
 
 
@@ -466,16 +469,59 @@ def _swapped_last_axes(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None
 
 
 @dataclass
+class _SequenceFirstSplit:
+    """torch.nn.MultiheadAttention's head split of a [s, b, h*d] projection: Reshape to
+    [s, b*h, d], Transpose(1, 0, 2) and Reshape to [b, h, s, d]; for Kᵀ, Transpose(1, 2, 0) and
+    Reshape to [b, h, d, s] (the two transposes composed)."""
+
+    source: ir.Value
+    heads: int
+    head_dim: int
+    nodes: list[ir.Node]
+
+
+SEQUENCE_FIRST_SPLIT = (1, 0, 2)  # [s, b*h, d] -> [b*h, s, d]
+SEQUENCE_FIRST_KEY_T = (1, 2, 0)  # [s, b*h, d] -> [b*h, d, s]
+SEQUENCE_FIRST_HEADS = (1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
+
+
+def _sequence_first_split(value: ir.Value, perm: tuple[int, ...] = SEQUENCE_FIRST_SPLIT,
+                          ) -> _SequenceFirstSplit | None:
+    """``value`` = the sequence-first head split of a source (with ``perm``
+    SEQUENCE_FIRST_KEY_T: Kᵀ straight from it). The shapes fix what each Reshape moves where:
+    [s, b, h*d] -> [s, X, d] makes X = b*h, batch-major, and [X, s, d] -> [b, h, s, d] splits X
+    back."""
+    outer = producer(value, "Reshape")
+    transpose = outer and producer(outer.inputs[0], "Transpose")
+    inner = transpose and producer(transpose.inputs[0], "Reshape")
+    if inner is None or _perm(transpose, 3) != perm:
+        return None
+    source, flat, out = _dims(inner.inputs[0]), _dims(inner.outputs[0]), _dims(value)
+    if source is None or flat is None or out is None or (len(source), len(flat), len(out)) != (3, 3, 4):
+        return None
+    (seq, batch, width), heads = source, out[1]
+    out_seq, out_head_dim = (out[2], out[3]) if perm == SEQUENCE_FIRST_SPLIT else (out[3], out[2])
+    head_dim = flat[2]
+    if not isinstance(heads, int) or not isinstance(head_dim, int) or heads <= 0 or head_dim <= 0:
+        return None
+    if flat[0] != seq or out[0] != batch or out_seq != seq or out_head_dim != head_dim \
+            or width != heads * head_dim:
+        return None
+    return _SequenceFirstSplit(inner.inputs[0], heads, head_dim, [outer, transpose, inner])
+
+
+@dataclass
 class _Key:
     """K, found from K^T: ``value`` in [b, h, s, d] (None when K^T is made straight from the head
-    split), its ``dims``, its head split if any, the scale applied to it and the nodes between it
-    and Q @ K^T."""
+    split), its ``dims``, its head split if any (``sequence_first`` when K^T came straight from
+    that), the scale applied to it and the nodes between it and Q @ K^T."""
 
     value: ir.Value | None
     dims: list[Dim]
     split: _HeadSplit | None
     scale: float
     nodes: list[ir.Node]
+    sequence_first: _SequenceFirstSplit | None = None
 
 
 def _key(transposed: ir.Value) -> _Key | str:
@@ -487,6 +533,10 @@ def _key(transposed: ir.Value) -> _Key | str:
     direct = _head_split(transposed, (0, 2, 3, 1))
     if direct is not None:
         return _Key(None, key_dims, direct, scale, [*nodes, direct.transpose])
+    sequence_first = _sequence_first_split(transposed, SEQUENCE_FIRST_KEY_T)
+    if sequence_first is not None:
+        return _Key(None, key_dims, None, scale, [*nodes, *sequence_first.nodes],
+                    sequence_first=sequence_first)
     transpose = producer(transposed, "Transpose")
     if transpose is not None and _perm(transpose, 4) == (0, 1, 3, 2):
         key, swap = transpose.inputs[0], [transpose]
@@ -725,32 +775,33 @@ class _Part:
     nodes: list[ir.Node]
 
 
-def _part_of_three(value: ir.Value) -> _Part | None:
-    """``value`` as unbind(0) of a tensor of 3 along axis 0 exports it: Gather of a scalar index,
-    or Squeeze(axis 0) of a one-wide Slice, of a Split into ones, of a Gather of one index or of
-    an item of a SplitToSequence into ones."""
+def _part_of_three(value: ir.Value, rank: int = 5) -> _Part | None:
+    """``value`` as unbind(0) of a ``rank``-D tensor of 3 along axis 0 exports it: Gather of a
+    scalar index, or Squeeze(axis 0) of a one-wide Slice, of a Split into ones, of a Gather of one
+    index or of an item of a SplitToSequence into ones."""
+    first = (0, -rank)  # axis 0, as exporters may write it
     gather = producer(value, "Gather")
     if gather is not None:
         index = constant(gather.inputs[1])
-        if gather.attributes.get_int("axis", 0) not in FIRST_OF_FIVE or index is None \
+        if gather.attributes.get_int("axis", 0) not in first or index is None \
                 or index.shape != () or not -3 <= index < 3:
             return None
         return _Part(gather.inputs[0], int(index) % 3, [gather])
     squeeze = producer(value, "Squeeze")
-    if squeeze is None or _squeezed_axes(squeeze) not in ([0], [-5]):
+    if squeeze is None or _squeezed_axes(squeeze) not in ([0], [-rank]):
         return None
     kept = squeeze.inputs[0]
     node = producer(kept, ("Slice", "Split", "Gather", "SequenceAt"))
     if node is None:
         return None
     if node.op_type == "SequenceAt":
-        return _sequence_item(node, squeeze)
+        return _sequence_item(node, squeeze, first)
     if node.op_type == "Slice":
-        index = _sliced_one(node)
+        index = _sliced_one(node, first)
     elif node.op_type == "Split":
-        index = _split_one(node, kept)
+        index = _split_one(node, kept, first)
     else:
-        index = _gathered_one(node)
+        index = _gathered_one(node, first)
     return None if index is None else _Part(node.inputs[0], index, [node, squeeze])
 
 
@@ -761,7 +812,7 @@ def _squeezed_axes(squeeze: ir.Node) -> list[Dim] | None:
     return None if axes is None else list(axes)
 
 
-def _sequence_item(item: ir.Node, squeeze: ir.Node) -> _Part | None:
+def _sequence_item(item: ir.Node, squeeze: ir.Node, first: tuple[int, int]) -> _Part | None:
     """``item`` = SequenceAt(SplitToSequence(x) into ones along axis 0 that keep the axis, i)."""
     split = producer(item.inputs[0], "SplitToSequence")
     position = constant(item.inputs[1])
@@ -769,7 +820,7 @@ def _sequence_item(item: ir.Node, squeeze: ir.Node) -> _Part | None:
         return None
     # keepdims=1: the axis stays whether or not the sizes are given (the spec then ignores it).
     attrs = split.attributes
-    if attrs.get_int("axis", 0) not in FIRST_OF_FIVE or attrs.get_int("keepdims", 1) != 1:
+    if attrs.get_int("axis", 0) not in first or attrs.get_int("keepdims", 1) != 1:
         return None
     if len(split.inputs) > 1 and split.inputs[1] is not None \
             and _shape_values(split.inputs[1]) not in ([1], [1, 1, 1]):
@@ -777,7 +828,7 @@ def _sequence_item(item: ir.Node, squeeze: ir.Node) -> _Part | None:
     return _Part(split.inputs[0], int(position) % 3, [split, item, squeeze])
 
 
-def _sliced_one(node: ir.Node) -> int | None:
+def _sliced_one(node: ir.Node, first: tuple[int, int]) -> int | None:
     """The one index of 3 a Slice along axis 0 keeps."""
     if len(node.inputs) < 3:  # bounds in attributes, before opset 10
         return None
@@ -785,7 +836,8 @@ def _sliced_one(node: ir.Node) -> int | None:
         _shape_values(bound) if bound is not None else default
         for bound, default in zip((list(node.inputs) + [None] * 2)[1:5], (None, None, [0], [1]))
     )
-    if axes not in ([0], [-5]) or steps != [1] or starts is None or ends is None:
+    if axes is None or len(axes) != 1 or axes[0] not in first or steps != [1] or starts is None \
+            or ends is None:
         return None
     if len(starts) != 1 or len(ends) != 1 or not isinstance(starts[0], int) \
             or not isinstance(ends[0], int):
@@ -794,9 +846,9 @@ def _sliced_one(node: ir.Node) -> int | None:
     return picked[0] if len(picked) == 1 else None
 
 
-def _split_one(node: ir.Node, kept: ir.Value) -> int | None:
+def _split_one(node: ir.Node, kept: ir.Value, first: tuple[int, int]) -> int | None:
     """Which output of a Split of 3 into ones along axis 0 ``kept`` is."""
-    if node.attributes.get_int("axis", 0) not in FIRST_OF_FIVE or len(node.outputs) != 3:
+    if node.attributes.get_int("axis", 0) not in first or len(node.outputs) != 3:
         return None
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         sizes = _shape_values(node.inputs[1])
@@ -807,10 +859,10 @@ def _split_one(node: ir.Node, kept: ir.Value) -> int | None:
     return next(i for i, out in enumerate(node.outputs) if out is kept)
 
 
-def _gathered_one(node: ir.Node) -> int | None:
+def _gathered_one(node: ir.Node, first: tuple[int, int]) -> int | None:
     """The index of 3 a Gather of one index along axis 0 takes."""
     index = constant(node.inputs[1])
-    if node.attributes.get_int("axis", 0) not in FIRST_OF_FIVE or index is None \
+    if node.attributes.get_int("axis", 0) not in first or index is None \
             or index.shape != (1,) or not -3 <= index[0] < 3:
         return None
     return int(index[0]) % 3
@@ -862,7 +914,12 @@ class FuseScaledDotProductAttention(RewriteRule):
         core = _match_core(node)
         if isinstance(core, str):
             return core
-        key = core.key.value if core.key.value is not None else core.key.split.reshape.outputs[0]
+        if core.key.value is not None:
+            key = core.key.value
+        elif core.key.split is not None:
+            key = core.key.split.reshape.outputs[0]
+        else:
+            key = core.key.sequence_first.source
         kept = [core.query, key, core.value, core.mask]
         return Match(_with_glue(core.nodes, kept), [node.outputs[0]], {"core": core})
 
@@ -871,10 +928,21 @@ class FuseScaledDotProductAttention(RewriteRule):
         heads = core.key.dims[1]
         if core.key.value is not None:
             return _fused(core, core.query, core.key.value, core.value, name, "bhsd", heads)
-        # K^T came straight from K's head split; K is that split's heads-first transpose.
-        key = ir.Node("", "Transpose", [core.key.split.reshape.outputs[0]],
-                      [ir.AttrInt64s("perm", list(HEADS_FIRST))], name=f"{name}/key")
-        return [key, *_fused(core, core.query, key.outputs[0], core.value, name, "bhsd", heads)]
+        if core.key.split is not None:
+            # K^T came straight from K's head split; K is that split's heads-first transpose.
+            key = [ir.Node("", "Transpose", [core.key.split.reshape.outputs[0]],
+                           [ir.AttrInt64s("perm", list(HEADS_FIRST))], name=f"{name}/key")]
+        else:
+            # K^T came straight from K's sequence-first head split [s, b, h*d]: K is that source
+            # split as [s, b, h, d] and transposed heads-first.
+            split = core.key.sequence_first
+            target = initializer(match.nodes[0].graph, f"{name}/key_heads_shape",
+                                 np.array([0, 0, split.heads, split.head_dim], np.int64))
+            reshape = ir.Node("", "Reshape", [split.source, target], name=f"{name}/key_heads")
+            key = [reshape, ir.Node("", "Transpose", [reshape.outputs[0]],
+                                    [ir.AttrInt64s("perm", list(SEQUENCE_FIRST_HEADS))],
+                                    name=f"{name}/key")]
+        return [*key, *_fused(core, core.query, key[-1].outputs[0], core.value, name, "bhsd", heads)]
 
 
 class ReplaceOnnxAttention(RewriteRule):
