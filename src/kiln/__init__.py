@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ def build(
     config: BuildConfig | None = None,
     *,
     progress: ProgressCallback | None = None,
+    calibration_data: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
     **overrides: object,
 ) -> Engine:
     """Build an engine from an ONNX model (a path, bytes or ``onnx.ModelProto``).
@@ -41,9 +42,12 @@ def build(
     Options come from ``config`` (a :class:`BuildConfig`) with keyword ``overrides`` on top, for
     example ``kiln.build("model.onnx", device="cpu")``. ``progress`` receives a
     :class:`ProgressEvent` as each build phase starts, advances and ends.
+    ``calibration_data`` (for ``precision="int8"`` or ``"fp8"``): a directory of ``.npz`` files
+    (one batch each, arrays by input name; ``.npy`` for one-input models) or an iterable of
+    dicts of input name to array.
     """
     config = (config or BuildConfig()).replace(**overrides)
-    return Engine(_build_engine_data(model, config, progress))
+    return Engine(_build_engine_data(model, config, progress, calibration_data))
 
 
 def compile(  # noqa: A001  (kiln.compile, as torch.compile)
@@ -79,7 +83,7 @@ def compile(  # noqa: A001  (kiln.compile, as torch.compile)
         config = config.replace(device="cuda" if on_cuda else "cpu")
     with tempfile.TemporaryDirectory(prefix="kiln-export-") as directory:
         model_path, call = export_module(module, args, kwargs, dynamic_shapes, Path(directory))
-        data = _build_engine_data(model_path, config, progress)
+        data = _build_engine_data(model_path, config, progress, None)
     stored_call = call.to_json()
     if stored_call is not None:  # otherwise the module runs but cannot be saved (save() says why)
         data.manifest[CALL_KEY] = stored_call
@@ -108,8 +112,19 @@ def from_tensorflow(
 
 
 def _build_engine_data(
-    model: ModelSource, config: BuildConfig, progress: ProgressCallback | None
+    model: ModelSource, config: BuildConfig, progress: ProgressCallback | None,
+    calibration_data: Any,
 ) -> EngineData:
     from kiln.engine.build import build_engine  # the compiler loads only when building
 
-    return build_engine(model, config, progress)
+    return build_engine(model, config, progress, calibration_data, _calibration_runner)
+
+
+def _calibration_runner(data: EngineData) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    """Runs a calibration engine on batches, keeping its outputs on the engine's device."""
+    engine = Engine(data, cuda_graphs=False)
+
+    def run(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        return engine.run({name: torch.as_tensor(array).to(engine.device) for name, array in batch.items()})
+
+    return run

@@ -11,8 +11,10 @@ from kiln.errors import ConfigError
 
 DEVICES = ("cpu", "cuda")
 OPT_LEVELS = range(0, 6)
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 REDUCED_PRECISIONS = ("fp16", "bf16")
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 LAYER_PRECISIONS = ("fp32",)  # what a layer may be pinned to
 PROFILE_POINTS = ("min", "opt", "max")
 
@@ -192,7 +194,11 @@ class BuildConfig:
         diverges. Costs memory: no intermediate value is released.
     precision: ``"fp32"`` (strict, the default), ``"tf32"`` (fp32 layers may use TF32 tensor
         cores), ``"fp16"`` or ``"bf16"`` (layers computing in float32 run in the reduced type,
-        but for those that need fp32's range; see :mod:`kiln.passes.precision`).
+        but for those that need fp32's range; see :mod:`kiln.passes.precision`), ``"int8"`` or
+        ``"fp8"`` (E4M3; convolutions and matrix products quantized with calibrated scales, the
+        other layers in fp16 on a GPU and fp32 on the CPU; see :mod:`kiln.passes.quantize`).
+        Models carrying QuantizeLinear/DequantizeLinear pairs are quantized as they say under
+        every policy.
     layer_precisions: layer name (as ``kiln inspect`` shows it) -> ``"fp32"``, to keep that
         layer in fp32 under a reduced policy. Unknown names fail the build.
     profiles: optimization profiles (:class:`Profile`), one or several; a single one, or a mapping
@@ -201,6 +207,13 @@ class BuildConfig:
         fit one of them, and kernels are tuned at the first one's ``opt`` shapes.
     timing_cache: path of a persistent kernel timing cache reused across builds: a JSON file of
         measured kernel timings, read and updated by builds. ``None`` keeps no cache.
+    calibration_method: how int8/fp8 calibration turns observed activations into ranges:
+        ``"entropy"`` (the threshold minimizing the KL divergence, the default), ``"percentile"``
+        or ``"minmax"``.
+    calibration_percentile: the percentile of ``|x|`` the ``"percentile"`` method keeps.
+    calibration_cache: path of a JSON file of calibrated ranges, written after calibrating and
+        reused by later builds of the same model and method (which then need no data).
+    calibration_batches: use at most this many batches of the calibration data.
     """
 
     device: str | None = None
@@ -210,21 +223,43 @@ class BuildConfig:
     layer_precisions: dict[str, str] = field(default_factory=dict)
     profiles: tuple[Profile, ...] = ()
     timing_cache: str | None = None
+    calibration_method: str = "entropy"
+    calibration_percentile: float = 99.99
+    calibration_cache: str | None = None
+    calibration_batches: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profiles", _profiles(self.profiles))
-        if self.timing_cache is not None:
-            if not isinstance(self.timing_cache, (str, os.PathLike)) or not os.fspath(self.timing_cache):
-                raise ConfigError(f"timing_cache must be a file path, not {self.timing_cache!r}")
-            object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
+        for option in ("timing_cache", "calibration_cache"):
+            path = getattr(self, option)
+            if path is not None:
+                if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+                    raise ConfigError(f"{option} must be a file path, not {path!r}")
+                object.__setattr__(self, option, os.fspath(path))
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                f"not {self.calibration_method!r}"
+            )
+        if not isinstance(self.calibration_percentile, (int, float)) or not (
+            0 < self.calibration_percentile <= 100
+        ):
+            raise ConfigError(
+                f"calibration_percentile must be in (0, 100], not {self.calibration_percentile!r}"
+            )
+        if self.calibration_batches is not None and (
+            not isinstance(self.calibration_batches, int) or self.calibration_batches < 1
+        ):
+            raise ConfigError(
+                f"calibration_batches must be a positive integer, not {self.calibration_batches!r}"
+            )
         if self.device is not None and self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.opt_level not in OPT_LEVELS:
             raise ConfigError(f"opt_level must be an integer from 0 to 5, not {self.opt_level!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r} "
-                "(int8 and fp8 are not supported yet)"
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
             )
         if not isinstance(self.layer_precisions, dict):
             raise ConfigError("layer_precisions must be a dict of layer name to precision")

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.cli.main import main
-from kiln.cli.stats import agreement
+from kiln.runtime.accuracy import agreement
 from tests.cli.test_bench import TORCH_MLP
 from tests.graphs import mlp
 

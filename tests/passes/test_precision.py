@@ -127,8 +127,8 @@ def test_tf32_builds_and_runs(mlp_model, tmp_path):
 
 
 def test_invalid_precision_is_a_config_error(mlp_model, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="fp32, tf32, fp16, bf16.*int8 and fp8"):
-        kiln.BuildConfig(precision="int8")
+    with pytest.raises(ConfigError, match="fp32, tf32, fp16, bf16, int8, fp8, not 'fp12'"):
+        kiln.BuildConfig(precision="fp12")
     with pytest.raises(ConfigError, match="pinned"):
         kiln.BuildConfig(layer_precisions={"matmul": "fp16"})
     path, _ = mlp_model

@@ -19,7 +19,7 @@ from rich.table import Table
 import kiln
 from kiln.cli.options import add_build_arguments, add_input_arguments, build_quietly, inputs_for
 from kiln.cli.runners import KilnRunner, OnnxRuntimeRunner, Runner, TorchRunner, load_torch_module
-from kiln.cli.stats import Agreement, agreement
+from kiln.runtime.accuracy import Agreement, agreement
 from kiln.errors import BuildError
 from kiln.frontend.onnx import read_onnx
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -13,7 +15,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from kiln.config import BuildConfig
+from kiln.config import QUANTIZED_PRECISIONS, BuildConfig
+from kiln.engine.calibration_data import CalibrationSource, DeclaredInput, calibration_batches
 from kiln.engine.format import EngineData
 from kiln.engine.memory import plan_memory
 from kiln.engine.plan import layer_info, plan_graph
@@ -26,6 +29,8 @@ from kiln.lowering.spec import KernelSpec, ValueType
 from kiln.ops.custom import is_custom_op
 from kiln.ops.dtypes import element_type, to_torch
 from kiln.passes import optimize
+from kiln.passes.calibration import RangeCollector, load_cache, load_channel_cache, save_cache
+from kiln.passes.quantize import Calibrated
 from kiln.passes.pipeline import count_nodes
 from kiln.passes.precision import PRECISION_KEY
 from kiln.tune import Selection, TimingCache, Tuner
@@ -41,18 +46,35 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+# Makes a runnable engine of engine data: the runtime's, handed in by ``kiln.build`` because the
+# builder may not import the runtime. The callable takes a batch of inputs, returns the outputs.
+EngineRunner = Callable[[EngineData], Callable[[Mapping[str, Any]], Mapping[str, Any]]]
+
+
 def build_engine(
-    model: ModelSource, config: BuildConfig, progress: ProgressCallback | None = None
+    model: ModelSource, config: BuildConfig, progress: ProgressCallback | None = None,
+    calibration_data: CalibrationSource | None = None, run_engine: EngineRunner | None = None,
 ) -> EngineData:
-    """Build ``model`` with ``config``, reporting each phase to ``progress`` when given."""
+    """Build ``model`` with ``config``, reporting each phase to ``progress`` when given.
+
+    int8/fp8 builds measure activation ranges by running an fp32 engine of the optimized graph
+    (``run_engine``) on ``calibration_data`` (see :mod:`kiln.engine.calibration_data`).
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
+    _check_precision_on(device, config.precision)
     with phase(progress, "import") as current:
         ir_model = load_onnx(model)
         current.detail = f"{count_nodes(ir_model)} nodes"
+    calibrate = None
+    if config.precision in QUANTIZED_PRECISIONS:
+        calibrate = _Calibration(
+            config, device, calibration_data, run_engine, _declared_inputs(ir_model), progress
+        ).measure
     with phase(progress, "passes") as current:
         ir_model, pass_records = optimize(
-            ir_model, config.opt_level, config.precision, config.layer_precisions
+            ir_model, config.opt_level, config.precision, config.layer_precisions, calibrate,
+            rest_precision="fp16" if device == "cuda" else "fp32",
         )
         if pass_records:
             current.detail = (
@@ -61,6 +83,23 @@ def build_engine(
             )
     if config.debug_outputs:
         _expose_layer_outputs(ir_model.graph)
+    data = _engine_data(ir_model, config, device, progress)
+    data.manifest["build"] = {
+        "seconds": round(time.perf_counter() - start, 3),
+        "passes": [record.__dict__ for record in pass_records],
+        "tuning": data.manifest["build"]["tuning"],
+    }
+    log.info(
+        "built %d layers for %s in %.2fs", len(data.manifest["plan"]["steps"]), device,
+        time.perf_counter() - start,
+    )
+    return data
+
+
+def _engine_data(
+    ir_model: ir.Model, config: BuildConfig, device: str, progress: ProgressCallback | None
+) -> EngineData:
+    """Lower the optimized ``ir_model``, choose its kernels and write the plan and manifest."""
     with phase(progress, "lowering") as current:
         lowered = lower(ir_model)
         current.detail = f"{len(lowered.graph.steps)} layers"
@@ -104,15 +143,121 @@ def build_engine(
             "string_tensors": string_tensors,
             "debug_outputs": config.debug_outputs,
             "profiles": profiles,
-            "build": {
-                "seconds": round(time.perf_counter() - start, 3),
-                "passes": [record.__dict__ for record in pass_records],
-                "tuning": tuning,
-            },
+            "build": {"tuning": tuning},
         }
     _record_custom_ops(manifest)
-    log.info("built %d layers for %s in %.2fs", len(plan["steps"]), device, time.perf_counter() - start)
     return EngineData(manifest=manifest, tensors=tensors)
+
+
+class _Calibration:
+    """Measures activation ranges for :class:`~kiln.passes.quantize.QuantizeLayers`: from the
+    calibration cache when it holds them, else by running an fp32 engine of the optimized graph,
+    with the activations as extra outputs, over the calibration data."""
+
+    def __init__(
+        self, config: BuildConfig, device: str, data: CalibrationSource | None,
+        run_engine: EngineRunner | None, inputs: list[DeclaredInput],
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.data = data
+        self.run_engine = run_engine
+        self.inputs = inputs
+        self.progress = progress
+
+    def measure(self, model: ir.Model, targets: list[str], channel_targets: list[str]) -> Calibrated:
+        config = self.config
+        method, percentile, fmt = config.calibration_method, config.calibration_percentile, config.precision
+        fingerprint = _fingerprint(model, [targets, channel_targets], fmt)
+        cache = config.calibration_cache
+        if cache is not None:
+            cached = load_cache(cache, fingerprint, method, percentile, fmt=fmt)
+            channels = load_channel_cache(cache, fingerprint)
+            if cached is not None and set(targets) <= set(cached) and set(channel_targets) <= set(channels):
+                log.info("calibration ranges from %s", cache)
+                return Calibrated({name: cached[name] for name in targets},
+                                  {name: channels[name] for name in channel_targets})
+        if self.data is None or self.run_engine is None:
+            first = (targets or channel_targets)[0]
+            raise ConfigError(
+                f"precision {fmt} needs calibration data (calibration_data= in Python, "
+                f"--calibration-data DIR on the command line) or a calibration cache made for this "
+                f"model: {len(targets) + len(channel_targets)} layer input(s) need measuring, the "
+                f"first {first!r}"
+            )
+        batches = calibration_batches(self.data, self.inputs, config.calibration_batches)
+        collector = RangeCollector()
+        maxima: dict[str, torch.Tensor] = {}
+        observed = [*targets, *(name for name in channel_targets if name not in targets)]
+        with phase(self.progress, "calibration", total=len(batches)) as current:
+            run = self.run_engine(self._observing_engine(model, observed))
+            for batch in batches:
+                outputs = run(batch)
+                for name in observed:
+                    value = torch.as_tensor(batch[name] if name in batch else outputs[name])
+                    if name in targets:
+                        collector.observe(name, value)
+                    if name in channel_targets:
+                        channel = value.detach().abs().float().reshape(-1, value.shape[-1]).amax(0)
+                        maxima[name] = channel if name not in maxima else torch.maximum(maxima[name], channel)
+                current.advance()
+            measured = Calibrated(
+                {name: collector.amax(name, method, percentile, fmt) for name in targets},
+                {name: maxima[name].cpu().double().numpy() for name in channel_targets},
+            )
+            current.detail = (
+                f"{len(observed)} activations over {len(batches)} batches ({method})"
+            )
+        if cache is not None:
+            save_cache(cache, fingerprint, method, percentile, measured.ranges, fmt=fmt,
+                       channels=measured.channels)
+        return measured
+
+    def _observing_engine(self, model: ir.Model, targets: list[str]) -> EngineData:
+        """An fp32 engine of ``model`` that also outputs the ``targets`` it computes."""
+        graph = model.graph
+        made = {value.name: value for node in graph for value in node.outputs if value.name}
+        exposed = {value.name for value in graph.outputs}
+        extra = [made[name] for name in targets if name in made and name not in exposed]
+        graph.outputs.extend(extra)
+        try:
+            return _engine_data(model, BuildConfig(device=self.device, opt_level=0), self.device, None)
+        finally:
+            for _ in extra:
+                graph.outputs.pop()
+
+
+def _fingerprint(model: ir.Model, targets: list[list[str]], precision: str) -> str:
+    """Identifies the optimized model whose ``targets`` a calibration cache measured."""
+    digest = hashlib.sha256(ir.serde.serialize_model(model).SerializeToString(deterministic=True))
+    digest.update(json.dumps([precision, targets]).encode())
+    return digest.hexdigest()
+
+
+def _declared_inputs(model: ir.Model) -> list[DeclaredInput]:
+    """The model's inputs as calibration data must give them."""
+    inputs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        shape = None if value.shape is None else tuple(
+            d if isinstance(d, int) else str(d) for d in value.shape
+        )
+        inputs.append(DeclaredInput(value.name or "", value.dtype, shape))
+    return inputs
+
+
+def _check_precision_on(device: str, precision: str) -> None:
+    if precision != "fp8" or device != "cuda":
+        return
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name()
+        raise BuildError(
+            f"precision fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"{name} is {capability[0]}.{capability[1]}: use int8 or fp16"
+        )
 
 
 def _select_choices(

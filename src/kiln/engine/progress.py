@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The phases of kiln.build, in order. Callers that do more (writing the file) add their own.
+# The phases of kiln.build, in order; int8/fp8 builds also report "calibration", within "passes".
+# Callers that do more (writing the file) add their own.
 BUILD_PHASES = ("import", "passes", "lowering", "tuning", "plan")
 
 

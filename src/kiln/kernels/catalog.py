@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from kiln.kernels.choice import Choice, OpsChoice
 from kiln.kernels.cublas_gemm import CublasLtGemmChoice
 from kiln.kernels.cudnn_conv import CudnnConvChoice, CudnnFusedConvChoice
+from kiln.kernels.fp8_gemm import CublasLtFp8GemmChoice
+from kiln.kernels.int8_gemm import CublasLtInt8Conv1x1Choice, CublasLtInt8GemmChoice
 from kiln.kernels.sdpa import SDPA_CHOICES
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
 
@@ -22,6 +24,9 @@ CHOICES: list[Choice] = [
     CudnnConvChoice(),
     CudnnFusedConvChoice(),
     CublasLtGemmChoice(),
+    CublasLtInt8GemmChoice(),
+    CublasLtInt8Conv1x1Choice(),
+    CublasLtFp8GemmChoice(),
     *SDPA_CHOICES,
     TorchLayerNormChoice(),
     TorchRMSNormChoice(),

@@ -23,6 +23,7 @@ from kiln.ops import (  # noqa: F401  (imported for their registrations)
     ml,
     normalization,
     quantization,
+    quantized,
     random,
     reduce,
     rnn,

@@ -9,8 +9,13 @@
    pointwise grouping. The default.
 4, 5: as 3 for now; reserved for fusions that trade build time for speed.
 
-Under a reduced precision policy (fp16, bf16) every level ends with :class:`ReducePrecision`
-(after shape inference at level 0, which has none of its own: the pass reads value types).
+From level 1, the model's own QuantizeLinear/DequantizeLinear pairs are read into scales first
+(:class:`ReadQuantization`; at level 0 they run as the ops they are). After the fusions,
+:class:`QuantizeLayers` quantizes the layers that have scales: the model's, or under the int8
+and fp8 policies those ``calibrate`` measures. Under a reduced precision policy (fp16, bf16;
+``rest_precision`` for the layers int8/fp8 left in float) every level ends with
+:class:`ReducePrecision` (after shape inference at level 0, which has none of its own: the pass
+reads value types).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from kiln.passes.base import GraphPass, IrPass
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fuse_activations import fuse_activations
 from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.fuse_mha import fuse_mha
 from kiln.passes.fuse_conv import fuse_conv
 from kiln.passes.fuse_matmul import fuse_matmul
 from kiln.passes.fuse_norm import fuse_norm
 from kiln.passes.fuse_pointwise import group_pointwise
 from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
+from kiln.passes.quantize import FORMATS, Calibrate, QuantizeLayers, ReadQuantization
 from kiln.passes.shapes import InferShapes
 from kiln.passes.simplify import simplify
 from kiln.passes.split_sequence import split_sequence
@@ -48,24 +55,31 @@ def cleanup() -> list[GraphPass]:
 
 
 def passes_for(
-    opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None
+    opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None,
+    calibrate: Calibrate | None = None, rest_precision: str = "fp32",
 ) -> list[GraphPass]:
     """Fresh instances of the passes of ``opt_level`` and ``precision``, in order; ``pinned``
-    names the layers kept in fp32."""
+    names the layers kept in fp32; ``calibrate`` measures activation ranges for int8/fp8;
+    ``rest_precision`` is what int8/fp8 builds run their unquantized layers in."""
     passes = cleanup()
     if opt_level >= 1:
+        passes.append(ReadQuantization())  # before folding turns the weights' DQs into floats
         passes += simplify()  # shapes first: folding and the fusions' checks read them
         passes.append(split_sequence())  # after folding: sizes and positions are constants
     if opt_level >= 2:
         passes += [fold_batchnorm(), fuse_activations(), fuse_norm()]
     if opt_level >= 3:
-        passes += [fuse_attention(), fuse_matmul(), fuse_conv(), group_pointwise()]
+        passes += [fuse_attention(), fuse_mha(), fuse_matmul(), fuse_conv(), group_pointwise()]
     if opt_level >= 1:
         passes += cleanup()  # what the rewrites left behind: replaced weights, shape glue
-    if precision in REDUCED_TYPES:
-        if opt_level == 0:
-            passes.append(InferShapes())
-        passes.append(ReducePrecision(precision, pinned))
+    if opt_level == 0 and (precision in REDUCED_TYPES or precision in FORMATS):
+        passes.append(InferShapes())
+    if opt_level >= 1 or precision in FORMATS:
+        fmt = precision if precision in FORMATS else None
+        passes.append(QuantizeLayers(fmt, calibrate, frozenset(pinned or ())))
+    reduced = precision if precision in REDUCED_TYPES else rest_precision if precision in FORMATS else None
+    if reduced in REDUCED_TYPES:
+        passes.append(ReducePrecision(reduced, pinned))
     return passes
 
 
@@ -85,12 +99,13 @@ def count_nodes(model: ir.Model) -> int:
 
 
 def optimize(
-    model: ir.Model, opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None
+    model: ir.Model, opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None,
+    calibrate: Calibrate | None = None, rest_precision: str = "fp32",
 ) -> tuple[ir.Model, list[PassRecord]]:
-    """Run the passes of ``opt_level`` and ``precision`` on ``model``; return the result and a
-    record per pass."""
+    """Run the passes of ``opt_level`` and ``precision`` (see :func:`passes_for`) on ``model``;
+    return the result and a record per pass."""
     records = []
-    for graph_pass in passes_for(opt_level, precision, pinned):
+    for graph_pass in passes_for(opt_level, precision, pinned, calibrate, rest_precision):
         before = count_nodes(model)
         start = time.perf_counter()
         try:

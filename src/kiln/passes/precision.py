@@ -59,6 +59,8 @@ KEEP_FP32 = {
 }
 # Inputs ONNX requires to be float32 whatever the data's type (or typed independently of it).
 FP32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}, "Dropout": {1}}
+# kiln ops' inputs that stay float32: quantized layers' weight scales and smoothing factors.
+KILN_FP32_INPUTS = {"QuantizedConv": {2}, "QuantizedMatMul": {2, 5}}
 
 
 class ReducePrecision(GraphPass):
@@ -79,6 +81,8 @@ class ReducePrecision(GraphPass):
         reduced_ids = {id(node) for node in reduced}
         changes["PinnedFp32"] = sum(1 for node in graph if node.name in self.pinned)
         for node in graph:
+            if node.domain == KILN_DOMAIN and node.op_type in KILN_FP32_INPUTS:
+                continue  # quantized layers keep their int8/fp8 mark; only their float I/O narrows
             node.metadata_props[PRECISION_KEY] = self.precision if id(node) in reduced_ids else "fp32"
         names = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
         names |= set(graph.initializers)
@@ -116,7 +120,9 @@ class ReducePrecision(GraphPass):
             return False
         if node.domain == "" and node.op_type in KEEP_FP32:
             return False
-        floats = [v for v in [*node.inputs, *node.outputs] if v is not None]
+        quantized_weight = 1 if node.domain == KILN_DOMAIN and node.op_type in KILN_FP32_INPUTS else -1
+        floats = [v for i, v in enumerate([*node.inputs, *node.outputs])
+                  if v is not None and i != quantized_weight]  # an fp8 weight is not a float to narrow
         if any(v.dtype is None and not _is_weight(v) for v in floats):
             return False  # unknown type: leave it as it is
         if any(v.dtype is not None and v.dtype.is_floating_point()
@@ -190,7 +196,8 @@ def _name_nodes(graph: ir.Graph) -> None:
 
 def _converted_inputs(node: ir.Node) -> list[int]:
     """Indices of the float32 inputs a reduced ``node`` reads in the reduced type."""
-    keep = FP32_INPUTS.get(node.op_type, set()) if node.domain == "" else set()
+    table = FP32_INPUTS if node.domain == "" else KILN_FP32_INPUTS if node.domain == KILN_DOMAIN else {}
+    keep = table.get(node.op_type, set())
     return [i for i, v in enumerate(node.inputs)
             if v is not None and i not in keep and v.dtype == ir.DataType.FLOAT]
 

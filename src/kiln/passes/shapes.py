@@ -832,6 +832,8 @@ def _attention(a: ShapeAnalysis, node: ir.Node) -> list[Dims | None]:
 KILN_SHAPE_RULES: dict[str, ShapeRule] = {
     "FusedMatMul": _matmul,
     "FusedConv": _conv,
+    "QuantizedMatMul": _matmul,
+    "QuantizedConv": _conv,
     "Attention": _attention,
 }
 

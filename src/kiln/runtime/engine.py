@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from kiln.engine import format as engine_format
 from kiln.engine.format import EngineData
 from kiln.errors import EngineCompatibilityError, EngineFormatError
+from kiln.runtime.accuracy import Infer, OutputAccuracy, accuracy_report, onnxruntime_reference
 from kiln.runtime.executor import Program, WeightStore, string_tensor
 from kiln.kernels.arithmetic import fp32_arithmetic
 from kiln.runtime.graphs import GraphCache, signature_of
@@ -88,6 +89,20 @@ class Engine:
     def create_context(self, cuda_graphs: bool | None = None) -> ExecutionContext:
         """A new execution context: its own CUDA graphs and memory, for one concurrent caller."""
         return ExecutionContext(self, self.cuda_graphs if cuda_graphs is None else cuda_graphs)
+
+    def accuracy_report(
+        self, data: Iterable[Mapping[str, Any]], reference: str | os.PathLike | bytes | Infer,
+    ) -> list[OutputAccuracy]:
+        """Compare this engine with ``reference`` on every batch of ``data`` (input name ->
+        array): per output, max abs/rel error, cosine (overall and worst sample) and top-1
+        agreement for class scores.
+
+        ``reference``: the FP32 ONNX model (a path or its bytes), run in ONNX Runtime on the CPU,
+        or any callable taking a batch and returning the outputs by name.
+        """
+        run_reference = reference if callable(reference) else onnxruntime_reference(reference)
+        names = [output.name for output in self.outputs]
+        return accuracy_report(self.run, run_reference, data, names)
 
     def save(self, path: str | os.PathLike) -> None:
         engine_format.save(self._data, path)
