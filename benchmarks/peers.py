@@ -211,30 +211,44 @@ def print_build_phase(event: kiln.ProgressEvent) -> None:
 
 
 def run_kiln(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...],
-             reference: torch.Tensor, case: str, settings: Settings) -> dict:
+             reference: torch.Tensor, case: str, settings: Settings,
+             calibration: list[dict] | None = None) -> dict:
+    """Export, build (calibrating int8/fp8 on ``calibration``), save, load and time kiln."""
     folder = settings.engines / case
     folder.mkdir(parents=True, exist_ok=True)
-    exporter = export_onnx(model, inputs, names, folder / "model.onnx")
+    onnx_path = folder / "model.onnx"
+    exporter = "reused"
+    if not onnx_path.exists():  # one export serves every precision of a case
+        exporter = export_onnx(model, inputs, names, onnx_path)
     print(f"    exported with {exporter}; building", flush=True)
+    phases: dict[str, float] = {}
+
+    def progress(event: kiln.ProgressEvent) -> None:
+        print_build_phase(event)
+        if event.state == "end":
+            phases[event.phase] = event.seconds
+
     build_s, built = wall_seconds(
-        lambda: kiln.build(folder / "model.onnx", device=settings.device, precision=settings.precision,
-                           progress=print_build_phase),
+        lambda: kiln.build(onnx_path, device=settings.device, precision=settings.precision,
+                           calibration_data=calibration, progress=progress),
         settings.device,
     )
-    built.save(folder / "model.kiln")
+    engine_path = folder / f"model-{settings.precision}.kiln"
+    built.save(engine_path)
     del built  # the loaded engine alone is measured
     release_memory(settings.device)
     if settings.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    load_s, engine = wall_seconds(lambda: kiln.load(folder / "model.kiln"), settings.device)
+    load_s, engine = wall_seconds(lambda: kiln.load(engine_path), settings.device)
     print(f"    built in {build_s:.1f} s, loaded in {load_s:.2f} s; timing", flush=True)
     given = dict(zip(names, inputs))
     feed = {info.name: given[info.name].to(settings.device) for info in engine.inputs}
     ms = median_ms(lambda: engine.run(feed), settings.device, settings.runs, settings.warmup)
     peak = peak_memory(settings.device)
     output = next(iter(engine.run(feed).values()))
+    calibrated = {"calibration_s": round(phases["calibration"], 3)} if "calibration" in phases else {}
     return {"ms": ms, "exporter": exporter, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
-            **peak, "cosine": cosine(output, reference)}
+            **calibrated, **peak, "cosine": cosine(output, reference)}
 
 
 def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, settings: Settings) -> dict:
