@@ -47,7 +47,7 @@ METHODS = CALIBRATION_METHODS
 FORMATS = QUANTIZED_PRECISIONS
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
-_FORMAT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
+FORMAT_MAX = {"int8": INT8_MAX, "fp8": FP8_E4M3_MAX}
 # The smallest threshold handed out: a tensor that was zero throughout (or never finite) has amax 0,
 # and a zero scale would divide by zero downstream. Any positive scale represents zero exactly, and
 # 1e-12 keeps both the scale and its reciprocal normal float32 numbers for int8 and fp8.
@@ -205,7 +205,7 @@ def scale_for(amax: float, fmt: str) -> float:
     check_format(fmt)
     if not math.isfinite(amax) or amax < 0:
         raise ValueError(f"a clipping threshold is a finite non-negative number, not {amax!r}")
-    return max(float(amax), AMAX_FLOOR) / _FORMAT_MAX[fmt]
+    return max(float(amax), AMAX_FLOOR) / FORMAT_MAX[fmt]
 
 
 def _as_tensor(name: str, tensor: torch.Tensor | np.ndarray) -> torch.Tensor:

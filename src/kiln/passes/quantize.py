@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from kiln.errors import ConfigError
 from kiln.passes.base import GraphPass, PassOutcome
+from kiln.passes.calibration import AMAX_FLOOR, FORMAT_MAX, scale_for
 from kiln.passes.fuse_matmul import FusedProduct
 from kiln.passes.precision import PRECISION_KEY
 from kiln.passes.rewrite import KILN_DOMAIN, KILN_OPSET, constant, initializer, kiln_node
@@ -45,10 +46,10 @@ QUANTIZED_OPS = ("QuantizedConv", "QuantizedMatMul")
 
 _T = ir.DataType
 # policy -> the type activations and weights are quantized to, and its largest magnitude
-FORMATS = {"int8": (_T.INT8, 127.0), "fp8": (_T.FLOAT8E4M3FN, 448.0)}
+FORMATS = {fmt: (quant_type, FORMAT_MAX[fmt])
+           for fmt, quant_type in (("int8", _T.INT8), ("fp8", _T.FLOAT8E4M3FN))}
 _FORMAT_OF_TYPE = {_T.INT8: "int8", _T.UINT8: "int8", _T.FLOAT8E4M3FN: "fp8"}
 _QUANTIZED_RANGES = {_T.INT8: (-128, 127), _T.UINT8: (0, 255), _T.FLOAT8E4M3FN: (-448, 448)}
-_TINY_SCALE = 1e-12  # an all-zero channel still needs a positive scale
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: activations and weights share the range
 _SMOOTH_LIMITS = (1e-5, 1e5)
@@ -94,18 +95,13 @@ class ActivationScale:
     @classmethod
     def from_amax(cls, amax: float, fmt: str) -> ActivationScale:
         """The symmetric scale that maps ``[-amax, amax]`` onto the format's range."""
-        quant_type, largest = FORMATS[fmt]
-        return cls(max(float(amax), _TINY_SCALE) / largest, 0, quant_type)
+        return cls(scale_for(amax, fmt), 0, FORMATS[fmt][0])
 
 
 def activation_scales(model: ir.Model) -> dict[str, ActivationScale]:
     """The activation scales recorded in ``model`` (by :class:`ReadQuantization`)."""
     recorded = json.loads(model.metadata_props.get(ACTIVATION_SCALES_KEY, "{}"))
     return {name: ActivationScale.from_json(entry) for name, entry in recorded.items()}
-
-
-def has_quantization(model: ir.Model) -> bool:
-    return bool(activation_scales(model))
 
 
 # --- explicit quantization -----------------------------------------------------------------------
@@ -444,7 +440,7 @@ def _quantize_weight(weight: np.ndarray, layer: _Layer, fmt: str, explicit: Mapp
     kept = scale is not None
     if scale is None:
         amax = np.abs(weight).max(axis=tuple(i for i in range(weight.ndim) if i != axis))
-        scale = np.maximum(amax.astype(np.float64), _TINY_SCALE) / largest
+        scale = np.maximum(amax.astype(np.float64), AMAX_FLOOR) / largest
     scaled = weight.astype(np.float64) / scale.reshape(shape)
     if quant_type == _T.INT8:
         quantized = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
