@@ -79,26 +79,35 @@ def test_a_signature_that_cannot_be_captured_runs_eagerly(caplog):
     assert engine.captured_signatures == 0
 
 
-def test_contexts_run_concurrently_on_their_own_streams(bert_onnx):
+def test_contexts_capture_and_run_concurrently_on_their_own_streams(bert_onnx, caplog):
     engine = kiln.build(bert_onnx, device="cuda", precision="fp16")
     rng = np.random.default_rng(2)
     feeds = [_bert_feed(rng, 2, 16) for _ in range(4)]
     expected = [_first_output(engine.run(feed)) for feed in feeds]
+    contexts = [engine.create_context() for _ in feeds]
+    start = threading.Barrier(len(feeds))  # the captures of all threads overlap
     errors = []
 
     def worker(index):
-        context, stream = engine.create_context(), torch.cuda.Stream()
-        for _ in range(5):
-            got = _first_output(context.run(feeds[index], stream=stream))
-            if not np.allclose(got, expected[index], rtol=1e-3, atol=1e-3):
-                errors.append(index)
+        stream = torch.cuda.Stream()
+        start.wait()
+        try:
+            for _ in range(5):
+                got = _first_output(contexts[index].run(feeds[index], stream=stream))
+                if not np.allclose(got, expected[index], rtol=1e-3, atol=1e-3):
+                    errors.append(f"context {index}: wrong output")
+        except Exception as error:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(f"context {index}: {error!r}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with caplog.at_level(logging.WARNING, logger="kiln.runtime"):
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(feeds))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert not errors
+    assert "capture failed" not in caplog.text
+    assert [context.captured_signatures for context in contexts] == [1] * len(feeds)
 
 
 def test_no_cuda_graph_engines_never_capture(resnet_onnx, tmp_path):

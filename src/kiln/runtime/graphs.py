@@ -8,11 +8,17 @@ reads device data on the host, as NonZero must) runs eagerly for that signature 
 with one log warning. Graphs share one memory pool per execution context: its runs are serial,
 and outputs are copied out of the pool before a run returns. At most ``capacity`` signatures are
 kept, the least recently used dropped first.
+
+Several execution contexts capture on several threads at once (a server's instances): so a
+capture runs on the context's own capture stream, waits only for the caller's stream, and makes no
+device-wide call (``torch.cuda.graph`` synchronizes the whole device and empties the allocator's
+cache, which another thread's capture in progress does not permit).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +29,9 @@ import torch
 log = logging.getLogger("kiln.runtime")
 
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+# One capture at a time in the process: the allocator routes each capture's allocations to its
+# pool by stream, and keeping captures apart leaves nothing to that routing's corner cases.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -43,6 +52,7 @@ class GraphCache:
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
         self._pool = torch.cuda.graph_pool_handle()
+        self._capture_stream = torch.cuda.Stream()
         self._graphs: OrderedDict[Signature, _Captured | None] = OrderedDict()
         self._seen: set[Signature] = set()
 
@@ -79,16 +89,22 @@ class GraphCache:
     ) -> _Captured | None:
         static = {name: value.clone() for name, value in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                outputs = program(static)
-        except Exception as error:  # noqa: BLE001  (any failure: run this signature eagerly)
-            torch.cuda.synchronize()
-            shapes = ", ".join(f"{n}{list(s)}" for n, s, _ in key)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            log.warning("inputs %s run without a CUDA graph: capture failed (%s)", shapes, reason)
-            return None
+        caller = torch.cuda.current_stream()
+        self._capture_stream.wait_stream(caller)
+        with _CAPTURE_LOCK, torch.cuda.stream(self._capture_stream):
+            try:
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    outputs = program(static)
+                finally:
+                    graph.capture_end()
+            except Exception as error:  # noqa: BLE001  (any failure: run this signature eagerly)
+                self._capture_stream.synchronize()
+                shapes = ", ".join(f"{n}{list(s)}" for n, s, _ in key)
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                log.warning("inputs %s run without a CUDA graph: capture failed (%s)", shapes, reason)
+                return None
+        caller.wait_stream(self._capture_stream)
         return _Captured(graph, static, outputs)
 
     @staticmethod

@@ -43,8 +43,9 @@ class Timeline:
 
     def runs(self) -> list[list[Span]]:
         """The spans of each run so far, in order; each run begins at a :data:`RUN_START` mark."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.cuda and self._marks:
+            # the last mark's event, not the device: other threads' streams may be capturing
+            self._marks[-1][2].synchronize()
         runs: list[list[Span]] = []
         previous = None
         for label, host, event in self._marks:
