@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from kiln import errors
-from kiln.config import BuildConfig, Profile
+from kiln.config import AccuracyBudget, BuildConfig, Profile
 from kiln.engine.progress import ProgressCallback, ProgressEvent
 from kiln.frontend.onnx import ModelSource
 from kiln.ops.custom import custom_op
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from kiln.engine.format import EngineData
 
 __all__ = [
-    "BuildConfig", "CompiledModule", "Engine", "Profile", "ProgressEvent", "TensorInfo", "Timeline", "build",
-    "compile", "custom_op", "errors", "from_tensorflow", "load", "load_module",
+    "AccuracyBudget", "BuildConfig", "CompiledModule", "Engine", "Profile", "ProgressEvent", "TensorInfo",
+    "Timeline", "build", "compile", "custom_op", "errors", "from_tensorflow", "load", "load_module",
 ]
 __version__ = "0.1.0"
 
@@ -42,9 +42,12 @@ def build(
     Options come from ``config`` (a :class:`BuildConfig`) with keyword ``overrides`` on top, for
     example ``kiln.build("model.onnx", device="cpu")``. ``progress`` receives a
     :class:`ProgressEvent` as each build phase starts, advances and ends.
-    ``calibration_data`` (for ``precision="int8"`` or ``"fp8"``): a directory of ``.npz`` files
-    (one batch each, arrays by input name; ``.npy`` for one-input models) or an iterable of
-    dicts of input name to array.
+    ``calibration_data`` (for ``precision="int8"`` or ``"fp8"``; under ``"fp16"`` it finds the
+    layers whose activations leave fp16's range, and under an accuracy budget it is the data
+    accuracy is measured on): a directory of ``.npz`` files (one batch each, arrays by input
+    name; ``.npy`` for one-input models) or an iterable of dicts of input name to array.
+    ``accuracy_budget="cosine>=0.999"`` (with ``precision=`` a reduced precision or ``"best"``)
+    keeps the fewest layers in fp32 that meet the budget (see :mod:`kiln.precision_search`).
     """
     config = (config or BuildConfig()).replace(**overrides)
     return Engine(_build_engine_data(model, config, progress, calibration_data))
@@ -115,16 +118,10 @@ def _build_engine_data(
     model: ModelSource, config: BuildConfig, progress: ProgressCallback | None,
     calibration_data: Any,
 ) -> EngineData:
-    from kiln.engine.build import build_engine  # the compiler loads only when building
+    # the compiler loads only when building
+    from kiln.engine.build import build_engine
+    from kiln.precision_search import build_within_budget, engine_runner
 
-    return build_engine(model, config, progress, calibration_data, _calibration_runner)
-
-
-def _calibration_runner(data: EngineData) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
-    """Runs a calibration engine on batches, keeping its outputs on the engine's device."""
-    engine = Engine(data, cuda_graphs=False)
-
-    def run(batch: Mapping[str, Any]) -> Mapping[str, Any]:
-        return engine.run({name: torch.as_tensor(array).to(engine.device) for name, array in batch.items()})
-
-    return run
+    if config.accuracy_budget is not None:
+        return build_within_budget(model, config, progress, calibration_data)
+    return build_engine(model, config, progress, calibration_data, engine_runner)

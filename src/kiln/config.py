@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +14,8 @@ from kiln.errors import ConfigError
 DEVICES = ("cpu", "cuda")
 OPT_LEVELS = range(0, 6)
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+BEST = "best"  # the policy that picks the fastest precision meeting an accuracy budget
+POLICIES = (*PRECISIONS, BEST)
 REDUCED_PRECISIONS = ("fp16", "bf16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -183,6 +187,118 @@ def _profile_range(name: str, given: object) -> tuple[Shape, Shape, Shape]:
 
 
 
+# What an accuracy budget may bound: metric -> (its comparison, the bounds it takes). Each is
+# measured against FP32 over every output and sample (see ``kiln.runtime.accuracy``):
+# cosine: the worst sample's cosine similarity; top1: the share of samples whose top class agrees
+# (outputs shaped [batch, classes]); max_abs, max_rel: the largest absolute and relative errors.
+BUDGET_METRICS = {
+    "cosine": (">=", (-1.0, 1.0)),
+    "top1": (">=", (0.0, 1.0)),
+    "max_abs": ("<=", (0.0, math.inf)),
+    "max_rel": ("<=", (0.0, math.inf)),
+}
+_BUDGET_FORMS = ", ".join(f"{metric}{op}X" for metric, (op, _) in BUDGET_METRICS.items())
+_BUDGET_TERM = re.compile(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*(>=|<=)\s*(\S+)\s*")
+
+
+@dataclass(frozen=True)
+class BudgetTerm:
+    """One bound of an accuracy budget: ``metric`` (a key of :data:`BUDGET_METRICS`) at least or
+    at most ``bound``, as the metric's comparison says."""
+
+    metric: str
+    bound: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in BUDGET_METRICS:
+            raise ConfigError(
+                f"accuracy budget names unknown metric {self.metric!r}; a budget is one or more "
+                f"of {_BUDGET_FORMS}, joined by commas"
+            )
+        low, high = BUDGET_METRICS[self.metric][1]
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)) or not (
+            low <= self.bound <= high and math.isfinite(self.bound)
+        ):
+            span = f"from {low:g} to {high:g}" if math.isfinite(high) else f"a finite number >= {low:g}"
+            raise ConfigError(f"accuracy budget: {self.metric} takes {span}, not {self.bound!r}")
+        object.__setattr__(self, "bound", float(self.bound))
+
+    @property
+    def comparison(self) -> str:
+        return BUDGET_METRICS[self.metric][0]
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` of the metric is within the bound (NaN never is)."""
+        return value >= self.bound if self.comparison == ">=" else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.comparison}{self.bound!r}"
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How close to FP32 an engine must stay: bounds that must all hold.
+
+    Written ``"cosine>=0.999"`` or ``"cosine>=0.999,top1>=0.99"``: one or more of ``cosine>=X``,
+    ``top1>=X``, ``max_abs<=X`` and ``max_rel<=X`` (see :data:`BUDGET_METRICS`), each metric at
+    most once, joined by commas. :meth:`parse` reads that text; ``str()`` writes it back.
+    """
+
+    terms: tuple[BudgetTerm, ...]
+
+    def __post_init__(self) -> None:
+        terms = tuple(self.terms) if isinstance(self.terms, (tuple, list)) else ()
+        if not terms or not all(isinstance(term, BudgetTerm) for term in terms):
+            raise ConfigError(
+                f"an accuracy budget needs one or more of {_BUDGET_FORMS}, joined by commas"
+            )
+        metrics = [term.metric for term in terms]
+        repeated = sorted({metric for metric in metrics if metrics.count(metric) > 1})
+        if repeated:
+            raise ConfigError(f"accuracy budget bounds {', '.join(repeated)} more than once")
+        object.__setattr__(self, "terms", terms)
+
+    @classmethod
+    def parse(cls, text: str) -> AccuracyBudget:
+        """``"cosine>=0.999,top1>=0.99"`` -> an :class:`AccuracyBudget`; :class:`ConfigError`
+        naming the part that is wrong otherwise."""
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(
+                f"an accuracy budget is one or more of {_BUDGET_FORMS}, joined by commas, "
+                f"not {text!r}"
+            )
+        terms = []
+        for part in text.split(","):
+            match = _BUDGET_TERM.fullmatch(part)
+            if match is None:
+                raise ConfigError(
+                    f"accuracy budget {text!r}: {part.strip()!r} is not METRIC>=X or METRIC<=X; "
+                    f"the terms are {_BUDGET_FORMS}"
+                )
+            metric, comparison, number = match.groups()
+            if metric in BUDGET_METRICS and comparison != BUDGET_METRICS[metric][0]:
+                wanted = BUDGET_METRICS[metric][0]
+                kind = "a lower" if wanted == ">=" else "an upper"
+                raise ConfigError(
+                    f"accuracy budget {text!r}: {metric} takes {kind} bound, {metric}{wanted}X"
+                )
+            try:
+                bound = float(number)
+            except ValueError:
+                raise ConfigError(
+                    f"accuracy budget {text!r}: {number!r} is not a number"
+                ) from None
+            terms.append(BudgetTerm(metric, bound))
+        return cls(tuple(terms))
+
+    def holds(self, values: Mapping[str, float]) -> bool:
+        """Whether every bound holds for ``values`` (metric -> measured value)."""
+        return all(term.holds(values[term.metric]) for term in self.terms)
+
+    def __str__(self) -> str:
+        return ",".join(str(term) for term in self.terms)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How to build an engine.
@@ -196,9 +312,17 @@ class BuildConfig:
         cores), ``"fp16"`` or ``"bf16"`` (layers computing in float32 run in the reduced type,
         but for those that need fp32's range; see :mod:`kiln.passes.precision`), ``"int8"`` or
         ``"fp8"`` (E4M3; convolutions and matrix products quantized with calibrated scales, the
-        other layers in fp16 on a GPU and fp32 on the CPU; see :mod:`kiln.passes.quantize`).
-        Models carrying QuantizeLinear/DequantizeLinear pairs are quantized as they say under
-        every policy.
+        other layers in fp16 on a GPU and fp32 on the CPU; see :mod:`kiln.passes.quantize`), or
+        ``"best"``: the fastest precision whose engine meets ``accuracy_budget`` (which it
+        needs; see :mod:`kiln.precision_search`). Under fp16, layers whose activations exceed
+        fp16's range on the calibration data, when given, stay fp32. Models carrying
+        QuantizeLinear/DequantizeLinear pairs are quantized as they say under every policy.
+    accuracy_budget: how close to FP32 the engine must stay, an :class:`AccuracyBudget` or its
+        text (``"cosine>=0.999"``, ``"cosine>=0.999,top1>=0.99"``). The engine is measured
+        against the FP32 model in ONNX Runtime on the calibration data (else on random inputs),
+        and the layers that lose the most accuracy are kept in fp32 until the budget holds; when
+        no choice of layers meets it, the build fails saying how close it came. ``None``: no
+        budget, nothing measured.
     layer_precisions: layer name (as ``kiln inspect`` shows it) -> ``"fp32"``, to keep that
         layer in fp32 under a reduced policy. Unknown names fail the build.
     profiles: optimization profiles (:class:`Profile`), one or several; a single one, or a mapping
@@ -220,6 +344,7 @@ class BuildConfig:
     opt_level: int = 3
     debug_outputs: bool = False
     precision: str = "fp32"
+    accuracy_budget: AccuracyBudget | str | None = None
     layer_precisions: dict[str, str] = field(default_factory=dict)
     profiles: tuple[Profile, ...] = ()
     timing_cache: str | None = None
@@ -257,9 +382,21 @@ class BuildConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.opt_level not in OPT_LEVELS:
             raise ConfigError(f"opt_level must be an integer from 0 to 5, not {self.opt_level!r}")
-        if self.precision not in PRECISIONS:
+        if self.precision not in POLICIES:
             raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+                f"precision must be one of {', '.join(POLICIES)}, not {self.precision!r}"
+            )
+        if isinstance(self.accuracy_budget, str):
+            object.__setattr__(self, "accuracy_budget", AccuracyBudget.parse(self.accuracy_budget))
+        elif self.accuracy_budget is not None and not isinstance(self.accuracy_budget, AccuracyBudget):
+            raise ConfigError(
+                "accuracy_budget must be an AccuracyBudget or its text, such as 'cosine>=0.999', "
+                f"not {type(self.accuracy_budget).__name__}"
+            )
+        if self.precision == BEST and self.accuracy_budget is None:
+            raise ConfigError(
+                "precision 'best' picks the fastest precision that meets an accuracy budget: give "
+                "one, e.g. accuracy_budget='cosine>=0.999' (--accuracy-budget on the command line)"
             )
         if not isinstance(self.layer_precisions, dict):
             raise ConfigError("layer_precisions must be a dict of layer name to precision")

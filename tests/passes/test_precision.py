@@ -127,7 +127,7 @@ def test_tf32_builds_and_runs(mlp_model, tmp_path):
 
 
 def test_invalid_precision_is_a_config_error(mlp_model, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="fp32, tf32, fp16, bf16, int8, fp8, not 'fp12'"):
+    with pytest.raises(ConfigError, match="fp32, tf32, fp16, bf16, int8, fp8, best, not 'fp12'"):
         kiln.BuildConfig(precision="fp12")
     with pytest.raises(ConfigError, match="pinned"):
         kiln.BuildConfig(layer_precisions={"matmul": "fp16"})

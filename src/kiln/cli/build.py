@@ -17,17 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 import kiln
-from kiln.cli.options import profile_spec
-from kiln.cli.run import make_inputs
+from kiln.cli.options import (
+    add_calibration_arguments, add_layer_precision_argument, calibration_options, layer_precisions,
+    profile_spec,
+)
 from kiln.cli.progress import JsonLines, PhaseDisplay
-from kiln.config import CALIBRATION_METHODS, DEVICES
-from kiln.engine.calibration_data import calibration_batches
+from kiln.config import DEVICES, AccuracyBudget
 from kiln.engine.progress import phase
-from kiln.errors import ConfigError
 from kiln.frontend.tensorflow import is_saved_model
+from kiln.precision_search import MANIFEST_KEY, describe_values, evaluation_batches
 from kiln.runtime.accuracy import OutputAccuracy
-
-REPORT_BATCHES = 8
 
 HELP = "build an engine from an ONNX model"
 
@@ -43,34 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default="fp32", metavar="P",
         help="fp32 (strict, default), tf32, fp16, bf16, int8 or fp8 (int8/fp8 calibrate on "
-        "--calibration-data unless the model carries QuantizeLinear/DequantizeLinear)",
+        "--calibration-data unless the model carries QuantizeLinear/DequantizeLinear; fp16 keeps "
+        "layers whose activations on it leave fp16's range in fp32), or best: the fastest that "
+        "meets --accuracy-budget",
     )
     parser.add_argument(
-        "--layer-precision", action="append", default=[], metavar="NAME=fp32",
-        help="keep layer NAME (as `kiln inspect` shows it) in fp32 under a reduced precision; "
-        "repeatable",
+        "--accuracy-budget", metavar="BUDGET",
+        help='how close to FP32 (ONNX Runtime) the engine must stay, e.g. "cosine>=0.999" or '
+        '"cosine>=0.999,top1>=0.99" (also max_abs<=X, max_rel<=X): the layers that lose the most '
+        "stay fp32 until it holds; measured on --calibration-data, else on random inputs",
     )
-    calibration = parser.add_argument_group("int8 / fp8 calibration")
-    calibration.add_argument(
-        "--calibration-data", metavar="DIR",
-        help="a directory of .npz files (one batch each, arrays named as the model's inputs; "
-        ".npy files for a one-input model)",
-    )
-    calibration.add_argument(
-        "--calibration-method", choices=CALIBRATION_METHODS, default="entropy",
-        help="how observed activations become ranges (default: entropy)",
-    )
-    calibration.add_argument(
-        "--calibration-percentile", type=float, default=99.99, metavar="P",
-        help="for --calibration-method percentile: the percentile of |x| kept (99.99)",
-    )
-    calibration.add_argument(
-        "--calibration-cache", metavar="PATH",
-        help="calibrated ranges to reuse (written after calibrating; a later build needs no data)",
-    )
-    calibration.add_argument(
-        "--calibration-batches", type=int, metavar="N", help="use at most N calibration batches",
-    )
+    add_layer_precision_argument(parser)
+    add_calibration_arguments(parser)
     parser.add_argument(
         "--timing-cache", metavar="PATH",
         help="kernel timings to reuse and extend (a JSON file; shared across builds and models)",
@@ -110,36 +93,35 @@ def main(args: argparse.Namespace) -> int:
         engine = build(
             args.model, device=args.device, opt_level=args.opt_level,
             debug_outputs=args.debug_outputs, precision=args.precision,
-            layer_precisions=_layer_precisions(args.layer_precision), profiles=args.shapes,
+            accuracy_budget=args.accuracy_budget,
+            layer_precisions=layer_precisions(args.layer_precision), profiles=args.shapes,
             timing_cache=args.timing_cache, calibration_data=args.calibration_data,
-            calibration_method=args.calibration_method,
-            calibration_percentile=args.calibration_percentile,
-            calibration_cache=args.calibration_cache, calibration_batches=args.calibration_batches,
-            progress=progress,
+            progress=progress, **calibration_options(args),
         )
         with phase(progress, "write") as current:
             engine.save(args.output)
             current.detail = f"{Path(args.output).stat().st_size / 2**20:.1f} MiB"
     if args.report:
         Console().print(report_table(engine.build_report))
-        if args.precision != "fp32" and not is_saved_model(args.model):
+        reduced = args.precision != "fp32" or args.accuracy_budget is not None
+        if reduced and not is_saved_model(args.model):
             Console().print(accuracy_table(engine.accuracy_report(_report_data(engine, args), args.model)))
     if not args.quiet:
-        Console(stderr=True).print(
+        console = Console(stderr=True)
+        console.print(
             f"built [bold]{args.output}[/] for {engine.device.type}: {len(engine.layers)} layers "
             f"in {time.perf_counter() - start:.2f} s"
         )
+        if MANIFEST_KEY in engine.manifest:
+            console.print(_budget_summary(engine.manifest[MANIFEST_KEY]), highlight=False, soft_wrap=True)
     return 0
 
 
-def _layer_precisions(entries: list[str]) -> dict[str, str]:
-    pinned = {}
-    for entry in entries:
-        name, sep, precision = entry.rpartition("=")
-        if not sep or not name:
-            raise ConfigError(f"--layer-precision takes NAME=PRECISION, not {entry!r}")
-        pinned[name] = precision
-    return pinned
+def _budget_summary(record: dict[str, Any]) -> str:
+    """``int8 meets cosine>=0.999 with conv2 in fp32: cosine 0.99994 (6 builds)``."""
+    kept = f"with {', '.join(record['pinned'])} in fp32" if record["pinned"] else "as built"
+    reached = describe_values(AccuracyBudget.parse(record["budget"]), record["values"])
+    return f"{record['precision']} meets {record['budget']} {kept}: {reached} ({record['builds']} builds)"
 
 
 def _renderer(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -152,10 +134,9 @@ def _renderer(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 
 def _report_data(engine: kiln.Engine, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Up to 8 calibration batches, or one batch of random inputs (seed 0)."""
-    if args.calibration_data:
-        return calibration_batches(args.calibration_data, engine.inputs, limit=REPORT_BATCHES)
-    return [make_inputs(engine.inputs, [], "", 0, engine.profiles)]
+    """The data an accuracy budget is measured on: up to 8 calibration batches, else 8 batches
+    of random inputs (seed 0)."""
+    return evaluation_batches(engine.inputs, engine.profiles, args.calibration_data)
 
 
 def accuracy_table(outputs: list[OutputAccuracy]) -> Table:

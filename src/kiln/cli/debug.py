@@ -2,11 +2,17 @@
 
 ``kiln debug reduce MODEL --check "COMMAND {model}"`` shrinks MODEL to a minimal subgraph on which
 COMMAND still fails (exits non-zero), for a small bug report or a fast reproduction.
+
+``kiln debug precision MODEL --precision int8 --budget "cosine>=0.999"`` finds the fewest layers
+to keep in fp32 for the engine to meet the accuracy budget (the search ``kiln build
+--accuracy-budget`` runs, see :mod:`kiln.precision_search`) and prints them as ``kiln build``
+takes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shlex
@@ -18,11 +24,20 @@ from pathlib import Path
 import onnx
 from rich.console import Console
 
+from kiln.cli.options import (
+    add_calibration_arguments, add_layer_precision_argument, calibration_options, layer_precisions,
+)
 from kiln.cli.reduce import Subgraphs, minimize
-from kiln.errors import InputError
+from kiln.config import DEVICES, BuildConfig
+from kiln.engine.progress import ProgressEvent
+from kiln.errors import BuildError, InputError
 from kiln.frontend.onnx import read_onnx
+from kiln.precision_search import SEARCHABLE, search_layer_precisions
 
-HELP = "debugging tools: reduce a failing model to a minimal failing subgraph"
+HELP = (
+    "debugging tools: reduce a failing model to a minimal failing subgraph; find the layers to "
+    "keep in fp32 for an accuracy budget"
+)
 log = logging.getLogger("kiln.debug")
 
 
@@ -50,6 +65,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to save the reduced model (reduced.onnx)",
     )
     reduce.set_defaults(usage_error=reduce.error)
+
+    precision = tools.add_parser(
+        "precision", help="find the fewest layers to keep in fp32 for a precision to meet an "
+        "accuracy budget",
+        description="Build the model at --precision, measure it against FP32 in ONNX Runtime "
+        "(on --calibration-data, else on random inputs), order the layers it narrowed by the "
+        "error each adds, and bisect for the fewest of the most sensitive to keep in fp32 until "
+        "--budget holds. Prints them as `kiln build` takes them; exits 1 when even every layer "
+        "in fp32 misses the budget.",
+    )
+    precision.add_argument("model", help="ONNX model")
+    precision.add_argument(
+        "--precision", required=True, choices=SEARCHABLE, help="the precision to build at",
+    )
+    precision.add_argument(
+        "--budget", required=True, metavar='"cosine>=0.999"',
+        help="how close to FP32 the engine must stay: cosine>=X (worst sample), top1>=X, "
+        "max_abs<=X, max_rel<=X, several joined by commas",
+    )
+    add_layer_precision_argument(precision)
+    precision.add_argument("--device", choices=DEVICES, help="target device (default: cuda if present)")
+    precision.add_argument(
+        "--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+        help="optimization level: 0 cleanup only, 3 default",
+    )
+    add_calibration_arguments(precision)
+    precision.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,7 +140,31 @@ def reduce_main(args: argparse.Namespace) -> int:
     return 0
 
 
-TOOLS = {"reduce": reduce_main}
+def precision_main(args: argparse.Namespace) -> int:
+    config = BuildConfig(
+        device=args.device, opt_level=args.opt_level, precision=args.precision,
+        accuracy_budget=args.budget, layer_precisions=layer_precisions(args.layer_precision),
+        **calibration_options(args),
+    )
+    console = Console(stderr=True)
+    with console.status(f"searching {args.model}") as status:
+
+        def show(event: ProgressEvent) -> None:
+            if event.state == "advance":
+                status.update(f"searching {args.model}: {event.detail}")
+
+        found = search_layer_precisions(args.model, config, show, args.calibration_data)
+    if args.json:
+        print(json.dumps({**found.to_json(), "layer_precision_args": found.layer_precision_args()}, indent=2))
+    if not found.met:
+        raise BuildError(found.failure())
+    if not args.json:
+        console.print(f"{found.describe()}, found in {found.builds} builds", highlight=False, soft_wrap=True)
+        print(found.layer_precision_args())
+    return 0
+
+
+TOOLS = {"reduce": reduce_main, "precision": precision_main}
 
 
 class _Check:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 import kiln
 from kiln.cli.run import make_inputs
-from kiln.config import DEVICES, Profile
+from kiln.config import CALIBRATION_METHODS, DEVICES, Profile
 from kiln.errors import ConfigError
 
 
@@ -38,6 +38,61 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
         help="optimization level: 0 cleanup only, 3 default",
     )
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "calibration (int8 / fp8 scales, fp16 range; the data an accuracy budget is measured on)"
+    )
+    group.add_argument(
+        "--calibration-data", metavar="DIR",
+        help="a directory of .npz files (one batch each, arrays named as the model's inputs; "
+        ".npy files for a one-input model)",
+    )
+    group.add_argument(
+        "--calibration-method", choices=CALIBRATION_METHODS, default="entropy",
+        help="how observed activations become int8/fp8 ranges (default: entropy)",
+    )
+    group.add_argument(
+        "--calibration-percentile", type=float, default=99.99, metavar="P",
+        help="for --calibration-method percentile: the percentile of |x| kept (99.99)",
+    )
+    group.add_argument(
+        "--calibration-cache", metavar="PATH",
+        help="calibrated ranges to reuse (written after calibrating; a later build needs no data)",
+    )
+    group.add_argument(
+        "--calibration-batches", type=int, metavar="N", help="use at most N calibration batches",
+    )
+
+
+def calibration_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The build options of :func:`add_calibration_arguments`, but the data."""
+    return {
+        "calibration_method": args.calibration_method,
+        "calibration_percentile": args.calibration_percentile,
+        "calibration_cache": args.calibration_cache,
+        "calibration_batches": args.calibration_batches,
+    }
+
+
+def add_layer_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layer-precision", action="append", default=[], metavar="NAME=fp32",
+        help="keep layer NAME (as `kiln inspect` shows it) in fp32 under a reduced precision; "
+        "repeatable",
+    )
+
+
+def layer_precisions(entries: list[str]) -> dict[str, str]:
+    """``["conv1=fp32"]`` (``--layer-precision`` values) -> ``{"conv1": "fp32"}``."""
+    pinned = {}
+    for entry in entries:
+        name, sep, precision = entry.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"--layer-precision takes NAME=PRECISION, not {entry!r}")
+        pinned[name] = precision
+    return pinned
 
 
 def profile_spec(text: str) -> Profile:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from kiln.config import QUANTIZED_PRECISIONS, BuildConfig
+from kiln.config import BEST, QUANTIZED_PRECISIONS, BuildConfig
 from kiln.engine.calibration_data import CalibrationSource, DeclaredInput, calibration_batches
 from kiln.engine.format import EngineData
 from kiln.engine.memory import plan_memory
@@ -32,10 +32,14 @@ from kiln.passes import optimize
 from kiln.passes.calibration import RangeCollector, load_cache, load_channel_cache, save_cache
 from kiln.passes.quantize import Calibrated
 from kiln.passes.pipeline import count_nodes
-from kiln.passes.precision import PRECISION_KEY
+from kiln.passes.precision import FP16_MAX, PRECISION_KEY
 from kiln.tune import Selection, TimingCache, Tuner
 
 log = logging.getLogger("kiln.build")
+
+# An fp16 build keeps a layer in fp32 when an activation it reads or writes reached this on the
+# calibration data: half fp16's largest value, as data the model meets later can go further.
+FP16_RANGE_LIMIT = FP16_MAX / 2
 
 
 def resolve_device(device: str | None) -> str:
@@ -58,22 +62,31 @@ def build_engine(
     """Build ``model`` with ``config``, reporting each phase to ``progress`` when given.
 
     int8/fp8 builds measure activation ranges by running an fp32 engine of the optimized graph
-    (``run_engine``) on ``calibration_data`` (see :mod:`kiln.engine.calibration_data`).
+    (``run_engine``) on ``calibration_data`` (see :mod:`kiln.engine.calibration_data`); fp16
+    builds given calibration data measure it too, and keep in fp32 the layers whose activations
+    leave fp16's range (see :data:`FP16_RANGE_LIMIT`). Accuracy budgets and the ``best`` policy
+    are for :mod:`kiln.precision_search`, which builds through this function.
     """
+    if config.precision == BEST or config.accuracy_budget is not None:
+        raise ConfigError("build_engine builds one precision; kiln.build applies accuracy budgets")
     start = time.perf_counter()
     device = resolve_device(config.device)
     _check_precision_on(device, config.precision)
     with phase(progress, "import") as current:
         ir_model = load_onnx(model)
         current.detail = f"{count_nodes(ir_model)} nodes"
-    calibrate = None
-    if config.precision in QUANTIZED_PRECISIONS:
-        calibrate = _Calibration(
-            config, device, calibration_data, run_engine, _declared_inputs(ir_model), progress
-        ).measure
+    calibration = _Calibration(
+        config, device, calibration_data, run_engine, _declared_inputs(ir_model), progress
+    )
+    calibrate = calibration.measure if config.precision in QUANTIZED_PRECISIONS else None
+    pinned = dict(config.layer_precisions)
+    overflow: dict[str, float] = {}
+    if config.precision == "fp16" and calibration_data is not None and run_engine is not None:
+        overflow = _fp16_overflow(model, config, calibration, progress)
+        pinned.update(dict.fromkeys(overflow, "fp32"))
     with phase(progress, "passes") as current:
         ir_model, pass_records = optimize(
-            ir_model, config.opt_level, config.precision, config.layer_precisions, calibrate,
+            ir_model, config.opt_level, config.precision, pinned, calibrate,
             rest_precision="fp16" if device == "cuda" else "fp32",
         )
         if pass_records:
@@ -89,6 +102,8 @@ def build_engine(
         "passes": [record.__dict__ for record in pass_records],
         "tuning": data.manifest["build"]["tuning"],
     }
+    if overflow:
+        data.manifest["build"]["fp16_overflow"] = overflow
     log.info(
         "built %d layers for %s in %.2fs", len(data.manifest["plan"]["steps"]), device,
         time.perf_counter() - start,
@@ -149,10 +164,46 @@ def _engine_data(
     return EngineData(manifest=manifest, tensors=tensors)
 
 
+def _fp16_overflow(
+    model: ModelSource, config: BuildConfig, calibration: _Calibration,
+    progress: ProgressCallback | None,
+) -> dict[str, float]:
+    """The layers an fp16 build must keep in fp32 for range: layer name -> the largest ``|x|``
+    among the float activations it reads or writes, where that exceeds :data:`FP16_RANGE_LIMIT`
+    on the calibration data. The layers are those of the model optimized at fp32, which are the
+    fp16 build's before its precision pass (that pass only adds Casts and changes types)."""
+    with phase(progress, "fp16 range") as current:
+        graph_model, _ = optimize(load_onnx(model), config.opt_level, "fp32", config.layer_precisions)
+        graph = graph_model.graph
+        names = [v.name for v in [*graph.inputs, *(out for node in graph for out in node.outputs)]
+                 if v.name and not v.is_initializer() and isinstance(v.type, (ir.TensorType, type(None)))]
+        peaks = calibration.peaks(graph_model, names)
+        overflow = {}
+        for index, node in enumerate(graph):
+            name = node.name or f"{node.op_type}_{index}"  # as lowering names the layer
+            outputs = [peaks[v.name] for v in node.outputs if v.name in peaks]
+            if name in config.layer_precisions or not outputs:
+                continue  # already fp32, or computes no float
+            inputs = [peaks[v.name] for v in node.inputs if v is not None and v.name in peaks]
+            if max(outputs + inputs) > FP16_RANGE_LIMIT:
+                overflow[name] = max(outputs + inputs)
+        current.detail = "every activation within fp16's range"
+        if overflow:
+            current.detail = f"{len(overflow)} layer(s) kept in fp32: {', '.join(overflow)}"
+    if overflow:
+        log.info(
+            "fp16: %d layer(s) stay fp32, their activations exceed %g on the calibration data: %s",
+            len(overflow), FP16_RANGE_LIMIT,
+            ", ".join(f"{name} (|x| up to {peak:.3g})" for name, peak in overflow.items()),
+        )
+    return overflow
+
+
 class _Calibration:
-    """Measures activation ranges for :class:`~kiln.passes.quantize.QuantizeLayers`: from the
-    calibration cache when it holds them, else by running an fp32 engine of the optimized graph,
-    with the activations as extra outputs, over the calibration data."""
+    """Observes activations on the calibration data by running an fp32 engine of the optimized
+    graph with the activations as extra outputs: their ranges for
+    :class:`~kiln.passes.quantize.QuantizeLayers` (from the calibration cache when it holds them),
+    and their largest magnitudes for the fp16 range check."""
 
     def __init__(
         self, config: BuildConfig, device: str, data: CalibrationSource | None,
@@ -169,7 +220,7 @@ class _Calibration:
     def measure(self, model: ir.Model, targets: list[str], channel_targets: list[str]) -> Calibrated:
         config = self.config
         method, percentile, fmt = config.calibration_method, config.calibration_percentile, config.precision
-        fingerprint = _fingerprint(model, [targets, channel_targets], fmt)
+        fingerprint = _fingerprint(model, fmt)
         cache = config.calibration_cache
         if cache is not None:
             cached = load_cache(cache, fingerprint, method, percentile, fmt=fmt)
@@ -191,11 +242,9 @@ class _Calibration:
         maxima: dict[str, torch.Tensor] = {}
         observed = [*targets, *(name for name in channel_targets if name not in targets)]
         with phase(self.progress, "calibration", total=len(batches)) as current:
-            run = self.run_engine(self._observing_engine(model, observed))
-            for batch in batches:
-                outputs = run(batch)
-                for name in observed:
-                    value = torch.as_tensor(batch[name] if name in batch else outputs[name])
+            for values in self._observe(model, observed, batches):
+                for name, value in values.items():
+                    value = torch.as_tensor(value)
                     if name in targets:
                         collector.observe(name, value)
                     if name in channel_targets:
@@ -214,6 +263,33 @@ class _Calibration:
                        channels=measured.channels)
         return measured
 
+    def peaks(self, model: ir.Model, names: list[str]) -> dict[str, float]:
+        """The largest finite ``|x|`` each floating-point activation of ``names`` takes on the
+        calibration data (activations of other types are left out)."""
+        assert self.data is not None and self.run_engine is not None
+        batches = calibration_batches(self.data, self.inputs, self.config.calibration_batches)
+        peaks: dict[str, float] = {}
+        for values in self._observe(model, names, batches):
+            for name, value in values.items():
+                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                    value = torch.from_numpy(value)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    finite = value.detach().abs().float().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+                    peak = float(finite.amax()) if finite.numel() else 0.0
+                    peaks[name] = max(peaks.get(name, 0.0), peak)
+        return peaks
+
+    def _observe(
+        self, model: ir.Model, names: list[str], batches: list[dict[str, np.ndarray]]
+    ) -> Iterator[dict[str, Any]]:
+        """Per batch, the value of every activation (or model input) in ``names``, as the engine
+        (or the batch) holds it."""
+        assert self.run_engine is not None
+        run = self.run_engine(self._observing_engine(model, names))
+        for batch in batches:
+            outputs = run(batch)
+            yield {name: batch[name] if name in batch else outputs[name] for name in names}
+
     def _observing_engine(self, model: ir.Model, targets: list[str]) -> EngineData:
         """An fp32 engine of ``model`` that also outputs the ``targets`` it computes."""
         graph = model.graph
@@ -228,10 +304,12 @@ class _Calibration:
                 graph.outputs.pop()
 
 
-def _fingerprint(model: ir.Model, targets: list[list[str]], precision: str) -> str:
-    """Identifies the optimized model whose ``targets`` a calibration cache measured."""
+def _fingerprint(model: ir.Model, precision: str) -> str:
+    """Identifies the optimized model a calibration cache measured. The activations measured are
+    not part of it: a cache serves every build that needs a subset of them, such as those of the
+    same model with more layers pinned to fp32."""
     digest = hashlib.sha256(ir.serde.serialize_model(model).SerializeToString(deterministic=True))
-    digest.update(json.dumps([precision, targets]).encode())
+    digest.update(json.dumps(precision).encode())
     return digest.hexdigest()
 
 
