@@ -15,6 +15,7 @@ from kiln.kernels.fp8_gemm import CublasLtFp8GemmChoice
 from kiln.kernels.int8_gemm import CublasLtInt8Conv1x1Choice, CublasLtInt8GemmChoice
 from kiln.kernels.sdpa import SDPA_CHOICES
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
+from kiln.kernels.triton_pointwise import TritonPointwiseChoice
 
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
@@ -30,6 +31,7 @@ CHOICES: list[Choice] = [
     *SDPA_CHOICES,
     TorchLayerNormChoice(),
     TorchRMSNormChoice(),
+    TritonPointwiseChoice(),
 ]
 BY_ID: dict[str, Choice] = {choice.id: choice for choice in [*CHOICES, FALLBACK]}
 

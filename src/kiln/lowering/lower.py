@@ -16,9 +16,10 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import ModelError, UnsupportedOpError
+from kiln.lowering.pointwise_body import describe_body
 from kiln.lowering.spec import KernelSpec, ValueType
 from kiln.ops.registry import lookup, normalize_domain
-from kiln.passes.rewrite import SOURCE_OPS_KEY, SOURCES_KEY
+from kiln.passes.rewrite import KILN_DOMAIN, SOURCE_OPS_KEY, SOURCES_KEY
 
 
 @dataclass
@@ -133,11 +134,14 @@ class _Lowerer:
             attr_name: self.encode_attribute(attr, f"{name}::{attr_name}", name)
             for attr_name, attr in node.attributes.items()
         }
+        spec_attributes = {k: v for k, v in attributes.items() if "graph" not in v and "graphs" not in v}
+        if (domain, node.op_type) == (KILN_DOMAIN, "Pointwise"):  # what the group computes
+            spec_attributes["body"] = {"pointwise": describe_body(node.attributes["body"].value)}
         spec = KernelSpec.create(
             node.op_type,
             domain,
             opset,
-            {k: v for k, v in attributes.items() if "graph" not in v and "graphs" not in v},
+            spec_attributes,
             tuple(None if v is None else value_type(v) for v in node.inputs),
             tuple(value_type(v) for v in node.outputs),
         )
