@@ -15,6 +15,7 @@ from kiln.kernels.fp8_gemm import CublasLtFp8GemmChoice
 from kiln.kernels.int8_gemm import CublasLtInt8Conv1x1Choice, CublasLtInt8GemmChoice
 from kiln.kernels.sdpa import SDPA_CHOICES
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
+from kiln.kernels.triton_norm import TritonLayerNormChoice, TritonRMSNormChoice
 from kiln.kernels.triton_pointwise import TritonPointwiseChoice
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ CHOICES: list[Choice] = [
     CublasLtInt8Conv1x1Choice(),
     CublasLtFp8GemmChoice(),
     *SDPA_CHOICES,
+    TritonLayerNormChoice(),
+    TritonRMSNormChoice(),
     TorchLayerNormChoice(),
     TorchRMSNormChoice(),
     TritonPointwiseChoice(),

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
 
-def _normalizes_last_axis(spec: KernelSpec, device: str) -> bool:
+def normalizes_last_axis(spec: KernelSpec, device: str) -> bool:
     ranks, dtypes = input_ranks(spec), input_dtypes(spec)
     axis = attributes_of(spec).get("axis", -1)
     # 16-bit scale and bias must match X's type for the fused kernels
@@ -39,7 +39,7 @@ class TorchLayerNormChoice(Choice):
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
         ranks = input_ranks(spec)
-        return _normalizes_last_axis(spec, device) and (len(ranks) < 3 or ranks[2] in (None, 1))
+        return normalizes_last_axis(spec, device) and (len(ranks) < 3 or ranks[2] in (None, 1))
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         def run(x, scale, bias=None, residual=None, *, epsilon=1e-5, _num_outputs=1, **_same):
@@ -55,7 +55,7 @@ class TorchRMSNormChoice(Choice):
     op_types = ((KILN, "RMSNorm"),)
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
-        return _normalizes_last_axis(spec, device)
+        return normalizes_last_axis(spec, device)
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         def run(x, scale, residual=None, *, epsilon=1e-5, _num_outputs=1, **_same):

@@ -1,8 +1,11 @@
 """Pick one choice per kernel spec: by timing the candidates on the target GPU, or by preference.
 
 Tuning level (the build's ``opt_level``): 0-1 take the first supporting choice (each op's list is
-ordered by what is usually fastest); 2-4 time every candidate (median of 20 runs after warm-up)
-and 5 times them longer (median of 100). A spec is timed at concrete shapes only: symbolic
+ordered by what is usually fastest); 2-4 time every candidate (20 runs after warm-up) and 5 times
+them longer (100). The runs are captured in a CUDA graph and replayed, as engines run them: timed
+one launch at a time, a choice whose Python launch path costs more than its kernel (a Triton
+kernel's, at small sizes) would be charged for host time a replay never spends. A choice that
+cannot be captured is timed launch by launch (median). A spec is timed at concrete shapes only: symbolic
 dimensions take the optimization profile's ``opt`` values, and a spec with a dimension still
 unknown, an integer input (its values matter) or a tensor attribute takes the first choice.
 Each candidate's output is checked against the ``ops`` reference on the timing inputs; a choice
@@ -148,9 +151,23 @@ def _agrees(result: Any, expected: Any) -> bool:
     return True
 
 
+REPLAYS = 5  # graph replays timed; the median is kept
+
+
 def _median_ms(run: Any, runs: int) -> float:
     for _ in range(3):
         run()
+    graph = _captured(run, runs)
+    if graph is not None:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(REPLAYS)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(start.elapsed_time(end) / runs for start, end in events)
+        return times[len(times) // 2]
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
     for start, end in events:
         start.record()
@@ -159,3 +176,17 @@ def _median_ms(run: Any, runs: int) -> float:
     torch.cuda.synchronize()
     times = sorted(start.elapsed_time(end) for start, end in events)
     return times[len(times) // 2]
+
+
+def _captured(run: Any, runs: int) -> torch.cuda.CUDAGraph | None:
+    """``runs`` launches of ``run`` captured in one CUDA graph, or None when they cannot be."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(runs):
+                run()
+    except Exception as error:  # noqa: BLE001  (timed launch by launch instead)
+        torch.cuda.synchronize()
+        log.debug("timing without a CUDA graph: %s", error)
+        return None
+    return graph
