@@ -253,6 +253,22 @@ def _padded_for_pooling(x: torch.Tensor, p: _Pooling, value: float) -> torch.Ten
     return _pad_spatial(x, p.begin, p.padded_end, value)
 
 
+def _torch_pool_padding(x: torch.Tensor, p: _Pooling) -> list[int] | None:
+    """The padding for torch's pooling that gives exactly ``p``'s windows, or None.
+
+    torch pads both ends alike, implicitly, by at most half the window: that fits when each axis
+    pads its end no more than its beginning and torch's window count is ``p``'s."""
+    padding = []
+    for size, begin, end, kernel, dilation, stride, out in zip(
+        x.shape[2:], p.begin, p.padded_end, p.kernel, p.dilations, p.strides, p.out
+    ):
+        span = (kernel - 1) * dilation + 1
+        if end > begin or 2 * begin > span or (size + 2 * begin - span) // stride + 1 != out:
+            return None
+        padding.append(begin)
+    return padding
+
+
 def _positions(x: torch.Tensor, storage_order: int) -> torch.Tensor:
     """Each element's flat index in x, spatial axes row-major (storage_order 0) or column-major."""
     planes = math.prod(x.shape[:2])
@@ -272,10 +288,14 @@ def max_pool(
     storage_order=0, strides=None, _num_outputs,
 ):
     p = _pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-    padded = _padded_for_pooling(x, p, _lowest(x.dtype))
     wants_indices = _num_outputs > 1
     if x.dtype.is_floating_point and not wants_indices:
+        symmetric = _torch_pool_padding(x, p)
+        if symmetric is not None:  # no padded copy of the input
+            return _MAX_POOL[len(p.kernel)](x, p.kernel, p.strides, symmetric, p.dilations)
+        padded = _padded_for_pooling(x, p, _lowest(x.dtype))
         return _MAX_POOL[len(p.kernel)](padded, p.kernel, p.strides, 0, p.dilations)
+    padded = _padded_for_pooling(x, p, _lowest(x.dtype))
     # Integer inputs (which torch's max pooling lacks on some devices) and Indices: by windows.
     flat_windows = _windows(padded, p).flatten(2 + len(p.kernel))
     values, argmax = flat_windows.max(dim=-1)

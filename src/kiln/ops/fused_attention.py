@@ -98,8 +98,21 @@ def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=bool(causal) and mask is None, scale=scale
     )
-    if mask is not None:
-        # SDPA's answer for such rows differs between backends; pin it to the graph's.
-        fill = math.nan if masked_rows == "nan" else 0.0
-        y = y.masked_fill(_hides_every_key(mask), fill)
-    return y if layout == "bhsd" else _merge_heads(y)
+    if mask is None:
+        return y if layout == "bhsd" else _merge_heads(y)
+    # SDPA's answer for rows that hide every key differs between backends; pin it to the graph's.
+    fill = math.nan if masked_rows == "nan" else 0.0
+    hides = _hides_every_key(mask)
+    if layout == "bhsd":
+        return y.masked_fill_(hides, fill)  # y is SDPA's fresh output: filled in place
+    return _merge_heads_filling(y, hides, fill)
+
+
+def _merge_heads_filling(y: torch.Tensor, hides: torch.Tensor, fill: float) -> torch.Tensor:
+    """``_merge_heads(y.masked_fill(hides, fill))`` in one pass over ``y``: the fill is written
+    straight into the merged layout (masked_fill, then the merge's copy, read and write y twice)."""
+    hides = hides.reshape((1,) * (4 - hides.dim()) + tuple(hides.shape)).transpose(1, 2)
+    heads_last = y.transpose(1, 2)  # [B, S, H, D]
+    merged = torch.empty(heads_last.shape, dtype=y.dtype, device=y.device)
+    torch.where(hides, torch.full((), fill, dtype=y.dtype, device=y.device), heads_last, out=merged)
+    return merged.reshape(y.shape[0], y.shape[2], -1)
