@@ -178,6 +178,31 @@ def test_activation_without_bias():
     assert_matches_ort(model, original, SIZES)
 
 
+def test_activation_joins_a_product_across_a_reshape():
+    """GPT-2's Conv1D: a Gemm over the flattened tokens, reshaped back before its activation."""
+    shape = numpy_helper.from_array(np.array([2, -1, N], np.int64), "shape")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["xw"]),
+             helper.make_node("Reshape", ["xw", "shape"], ["r"]),
+             helper.make_node("Gelu", ["r"], ["out"], approximate="tanh")]
+    original = _model(nodes, [W, shape], {"x": [6, K]}, ["out"])
+    model, changes = apply(fuse_matmul(), original)
+    assert ops(model) == ["kiln::FusedMatMul", "Reshape"]
+    assert changes == {"GemmToFusedMatMul": 1, "FuseMatMulActivationThroughReshape": 1}
+    assert _fused(model)["activation"] == "GeluTanh"
+    assert_matches_ort(model, original, [{}])
+
+
+def test_reshape_read_elsewhere_keeps_the_activation_apart():
+    shape = numpy_helper.from_array(np.array([2, -1, N], np.int64), "shape")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["xw"]),
+             helper.make_node("Reshape", ["xw", "shape"], ["r"]),
+             helper.make_node("Relu", ["r"], ["out"])]
+    original = _model(nodes, [W, shape], {"x": [6, K]}, ["out", "r"])
+    model, changes = apply(fuse_matmul(), original)
+    assert ops(model) == ["kiln::FusedMatMul", "Reshape", "Relu"]
+    assert_matches_ort(model, original, [{}])
+
+
 # kiln::Activation names, and ONNX nodes computing the same from i to o for ONNX Runtime.
 KILN_ACTIVATIONS = {
     "Silu": lambda i, o: [helper.make_node("Sigmoid", [i], ["sig"]),

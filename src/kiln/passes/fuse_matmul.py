@@ -4,7 +4,9 @@ Gemm becomes a FusedMatMul as it is. A MatMul by a constant weight (a transforme
 Q @ K^T in attention has no constant operand and is left alone) grows one epilogue stage per rule:
 a bias Add, a residual Add (before or after the activation) and an activation. The rules run in
 that order, each to its fixpoint, and each extends a MatMul or an already fused product, so
-``act(x @ W + b) + r`` and ``act(x @ W + b + r)`` both end as one node.
+``act(x @ W + b) + r`` and ``act(x @ W + b + r)`` both end as one node. An activation also joins
+a product across the Reshape between them (GPT-2's Conv1D: a 2-D Gemm over the flattened tokens,
+reshaped back to 3-D before its GELU): an elementwise activation commutes with a reshape.
 """
 
 from __future__ import annotations
@@ -247,6 +249,41 @@ class FuseMatMulActivation(_ProductRule):
         return Match([*nodes, node], [node.outputs[0]], {"product": product})
 
 
+class FuseMatMulActivationThroughReshape(RewriteRule):
+    """act(Reshape(product)) -> Reshape(FusedMatMul(..., activation))."""
+
+    def __init__(self, domain: str, op_type: str) -> None:
+        self.anchor_domain, self.anchor = domain, op_type
+
+    def match(self, node: ir.Node) -> Match | str:
+        activation = activation_of(node)
+        if isinstance(activation, str):
+            return activation
+        reshape = producer(node.inputs[0], "Reshape")
+        if reshape is None:
+            return f"{node.inputs[0].name} is not made by a Reshape"
+        found = _product(reshape.inputs[0])
+        if isinstance(found, str):
+            return found
+        product, nodes = found
+        if product.activation:
+            return f"{reshape.inputs[0].name} already ends in an activation"
+        product.activation, product.activation_params = activation
+        return Match([*nodes, reshape, node], [node.outputs[0]], {"product": product, "reshape": reshape})
+
+    def rewrite(self, match: Match) -> list[ir.Node]:
+        reshape = match.bindings["reshape"]
+        fused = match.bindings["product"].node(match.nodes[0].name)
+        flat = fused.outputs[0]
+        flat.name = f"{reshape.inputs[0].name}_activated"
+        flat.type, flat.shape = reshape.inputs[0].type, reshape.inputs[0].shape
+        reshaped = ir.Node(
+            "", "Reshape", [flat, reshape.inputs[1]], list(reshape.attributes.values()),
+            name=reshape.name,
+        )
+        return [fused, reshaped]
+
+
 def fuse_matmul() -> RewritePass:
     # The residual rule runs before the activation rules: it absorbs act(product) + r itself, and
     # leaves act(product + r) whole for them.
@@ -255,5 +292,6 @@ def fuse_matmul() -> RewritePass:
         FuseMatMulBias(),
         FuseMatMulResidual(),
         *(FuseMatMulActivation(domain, op) for domain, op in ACTIVATION_OPS),
+        *(FuseMatMulActivationThroughReshape(domain, op) for domain, op in ACTIVATION_OPS),
         name="FuseMatMul",
     )
