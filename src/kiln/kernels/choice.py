@@ -48,6 +48,9 @@ class Choice(ABC):
     op_types: ClassVar[tuple[tuple[str, str], ...]]  # (domain, op type)
     # Fast for some shapes only: taken when timing says so, never as the untimed default.
     timed_only: ClassVar[bool] = False
+    # 4-D inputs this choice reads channels-last: what it gets inside a conv stack, once the first
+    # convolution of the stack converted its input, so tuning times it on such inputs.
+    channels_last_inputs: ClassVar[tuple[int, ...]] = ()
 
     @abstractmethod
     def supports(self, spec: KernelSpec, device: str) -> bool: ...

@@ -39,6 +39,7 @@ class CudnnConvChoice(Choice):
 
     id = "cudnn-conv-nhwc"
     op_types = CONV_OPS
+    channels_last_inputs = (0, 3)  # X and the residual
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
         return _is_2d_conv(spec, device)
@@ -55,6 +56,7 @@ class CudnnFusedConvChoice(Choice):
 
     id = "cudnn-conv-nhwc-fused-relu"
     op_types = ((KILN, "FusedConv"),)
+    channels_last_inputs = (0, 3)  # X and the residual
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
         attributes = attributes_of(spec)

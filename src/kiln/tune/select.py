@@ -25,7 +25,7 @@ import torch
 
 from kiln.kernels.arithmetic import fp32_arithmetic
 from kiln.kernels.catalog import FALLBACK, choices_for
-from kiln.kernels.choice import Choice, attributes_of
+from kiln.kernels.choice import Choice, Launch, attributes_of
 from kiln.lowering.spec import KernelSpec
 from kiln.ops.registry import lookup
 from kiln.tune.cache import TimingCache
@@ -117,10 +117,7 @@ class Tuner:
             for choice in [FALLBACK, *[c for c in candidates if c is not FALLBACK]]:
                 try:
                     launch = choice.launch(choice.recipe(spec), reference)
-                    args = [
-                        launch.prepare_weights[i](x) if i in launch.prepare_weights and x is not None else x
-                        for i, x in enumerate(inputs)
-                    ]
+                    args = [_laid_out(choice, launch, i, x) for i, x in enumerate(inputs)]
                     bound = launch.impl.bind(
                         attributes, torch.device("cuda"), len(spec.output_types), input_types, output_types
                     )
@@ -136,6 +133,18 @@ class Tuner:
                     log.debug("choice %s failed for %s: %s", choice.id, spec.op_type, error)
                     timings[choice.id] = math.inf
         return timings
+
+
+def _laid_out(choice: Choice, launch: Launch, index: int, x: torch.Tensor | None) -> torch.Tensor | None:
+    """Input ``index`` as ``choice`` gets it in an engine: weights prepared at load, activations
+    channels-last where the choice reads them so."""
+    if x is None:
+        return x
+    if index in launch.prepare_weights:
+        return launch.prepare_weights[index](x)
+    if index in choice.channels_last_inputs and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _agrees(result: Any, expected: Any) -> bool:
