@@ -245,12 +245,12 @@ def test_quantized_layers_take_their_choice_untimed():
     """Integer weights keep quantized specs from being timed: the first choice is the default,
     which is why these choices are not timed_only."""
     spec = _matmul_spec(("batch", 128, 256), (256, 512), x_type=UINT8)
-    assert choices_for(spec, "cuda") == [BY_ID["int8-gemm"], FALLBACK]
+    assert choices_for(spec, "cuda") == [BY_ID["triton-quantized-gemm"], BY_ID["int8-gemm"], FALLBACK]
     assert choices_for(spec, "cpu") == [FALLBACK]
     selection = Tuner("cuda", 3, TimingCache(), symbols={"batch": 4}, target={}).select(spec)
-    assert selection.choice.id == "int8-gemm" and selection.timings == {}
+    assert selection.choice.id == "triton-quantized-gemm" and selection.timings == {}
     conv = _conv_spec((96, 64, 1, 1))
-    assert choices_for(conv, "cuda") == [BY_ID["int8-conv1x1"], FALLBACK]
+    assert choices_for(conv, "cuda") == [BY_ID["triton-quantized-conv"], BY_ID["int8-conv1x1"], FALLBACK]
 
 
 def test_prepared_weights_keep_their_values():

@@ -17,6 +17,7 @@ from kiln.kernels.sdpa import SDPA_CHOICES
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
 from kiln.kernels.triton_norm import TritonLayerNormChoice, TritonRMSNormChoice
 from kiln.kernels.triton_pointwise import TritonPointwiseChoice
+from kiln.kernels.triton_quantized import TritonQuantizedConvChoice, TritonQuantizedMatMulChoice
 
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
@@ -26,6 +27,8 @@ CHOICES: list[Choice] = [
     CudnnConvChoice(),
     CudnnFusedConvChoice(),
     CublasLtGemmChoice(),
+    TritonQuantizedMatMulChoice(),
+    TritonQuantizedConvChoice(),
     CublasLtInt8GemmChoice(),
     CublasLtInt8Conv1x1Choice(),
     CublasLtFp8GemmChoice(),

@@ -1,0 +1,133 @@
+"""The quantized layers' epilogue inside Triton kernels: dequantize, bias, residual, activation.
+
+:func:`dequantize_epilogue` turns a tile of integer (or fp8 float) accumulators into the layer's
+output values in float32, as :mod:`kiln.ops.quantized` defines them: ``acc * x_scale * w_scale``
+(the zero point's share, ``zero_point * colsum(w_q)``, taken away first in int32, which is exact),
+``+ bias``, then ``act(y + residual)`` or ``act(y) + residual``
+(:func:`~kiln.ops.activation.apply_epilogue`). Activations are those of
+:data:`~kiln.ops.activation.ACTIVATIONS`, selected by a compile-time code; their parameters
+(LeakyRelu/Elu alpha, Clip bounds, HardSigmoid alpha and beta) are run-time values that
+:func:`activation_arguments` fills with the same defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import triton
+import triton.language as tl
+
+from kiln.ops.activation import ACTIVATIONS
+
+ACTIVATION_CODES = {"": 0, **{name: code for code, name in enumerate(ACTIVATIONS, start=1)}}
+# Parameters' defaults, as ACTIVATIONS applies them (Clip has no defaults: it needs both).
+_DEFAULTS = {"LeakyRelu": (0.01, 0.0), "Elu": (1.0, 0.0), "HardSigmoid": (0.2, 0.5)}
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus is the identity beyond it
+INV_SQRT2 = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+RELU = tl.constexpr(ACTIVATION_CODES["Relu"])
+LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["LeakyRelu"])
+ELU = tl.constexpr(ACTIVATION_CODES["Elu"])
+CLIP = tl.constexpr(ACTIVATION_CODES["Clip"])
+SIGMOID = tl.constexpr(ACTIVATION_CODES["Sigmoid"])
+HARD_SIGMOID = tl.constexpr(ACTIVATION_CODES["HardSigmoid"])
+TANH = tl.constexpr(ACTIVATION_CODES["Tanh"])
+SILU = tl.constexpr(ACTIVATION_CODES["Silu"])
+HARD_SWISH = tl.constexpr(ACTIVATION_CODES["HardSwish"])
+GELU = tl.constexpr(ACTIVATION_CODES["Gelu"])
+GELU_TANH = tl.constexpr(ACTIVATION_CODES["GeluTanh"])
+MISH = tl.constexpr(ACTIVATION_CODES["Mish"])
+SOFTPLUS = tl.constexpr(ACTIVATION_CODES["Softplus"])
+
+
+def activation_arguments(activation: str, params: Sequence[float] | None) -> tuple[int, float, float]:
+    """``(code, first parameter, second parameter)`` for :func:`dequantize_epilogue`."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    params = list(params or ())
+    if activation == "Clip" and len(params) < 2:
+        raise ValueError("a Clip activation needs its minimum and maximum as activation_params")
+    defaults = _DEFAULTS.get(activation, (0.0, 0.0))
+    first = float(params[0]) if params else defaults[0]
+    second = float(params[1]) if len(params) > 1 else defaults[1]
+    return ACTIVATION_CODES[activation], first, second
+
+
+@triton.jit
+def _sigmoid(y):
+    return 1.0 / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def _tanh(y):
+    # 1 - 2 / (exp(2y) + 1): saturates to +-1 without overflow trouble (exp(inf) gives 1 - 0)
+    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def _softplus(y):
+    return tl.where(y > SOFTPLUS_THRESHOLD, y, tl.log(1.0 + tl.exp(tl.minimum(y, SOFTPLUS_THRESHOLD))))
+
+
+@triton.jit
+def apply_activation(y, ACTIVATION: tl.constexpr, p0, p1):
+    if ACTIVATION == RELU:
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == LEAKY_RELU:
+        y = tl.where(y >= 0.0, y, y * p0)
+    elif ACTIVATION == ELU:
+        y = tl.where(y > 0.0, y, p0 * (tl.exp(y) - 1.0))
+    elif ACTIVATION == CLIP:
+        y = tl.minimum(tl.maximum(y, p0), p1)
+    elif ACTIVATION == SIGMOID:
+        y = _sigmoid(y)
+    elif ACTIVATION == HARD_SIGMOID:
+        y = tl.minimum(tl.maximum(y * p0 + p1, 0.0), 1.0)
+    elif ACTIVATION == TANH:
+        y = _tanh(y)
+    elif ACTIVATION == SILU:
+        y = y * _sigmoid(y)
+    elif ACTIVATION == HARD_SWISH:
+        y = y * tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+    elif ACTIVATION == GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * INV_SQRT2))
+    elif ACTIVATION == GELU_TANH:
+        # constants on the right: Triton's interpreter cannot take a constexpr times a tensor
+        y = 0.5 * y * (1.0 + _tanh((y + y * y * y * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
+    elif ACTIVATION == MISH:
+        y = y * _tanh(_softplus(y))
+    elif ACTIVATION == SOFTPLUS:
+        y = _softplus(y)
+    return y
+
+
+@triton.jit
+def dequantize_epilogue(
+    acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
+    colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
+    ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
+):
+    """The layer's float32 output tile from the accumulator tile ``acc`` [BLOCK_M, BLOCK_N]."""
+    if ZERO_POINT:
+        colsum = tl.load(colsum_ptr + offs_n, mask=mask_n, other=0)
+        acc = acc - zero_point * colsum[None, :]
+    y = acc.to(tl.float32)
+    if ROW_SCALES:
+        y = y * tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+    else:
+        y = y * x_scale
+    y = y * tl.load(w_scale_ptr + offs_n * w_scale_stride, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        residual = residual.to(tl.float32)
+        if not RESIDUAL_AFTER:
+            y = y + residual
+    y = apply_activation(y, ACTIVATION, p0, p1)
+    if HAS_RESIDUAL:
+        if RESIDUAL_AFTER:
+            y = y + residual
+    return y

@@ -1,0 +1,164 @@
+"""Quantized matrix products in one Triton kernel: int8 x int8 -> int32 (or fp8 x fp8 -> fp32) on
+tensor cores, with the dequantize epilogue (:mod:`kiln.kernels.triton_epilogue`) writing the
+layer's output in its float dtype.
+
+The activation comes quantized (:mod:`kiln.kernels.triton_quantize`): int8 or float8_e4m3fn rows
+[M, K] with one scale, or one per row, and a zero point (int8 only). The weight is [K, N] laid
+out column by column (each column's K values contiguous, what tensor cores read as B); the
+product of a tile accumulates exactly in int32. fp8 sums are promoted to float32 after every
+BLOCK_K terms (``max_num_imprecise_acc``), as cuBLASLt's default does after a few of its steps:
+Hopper's fp8 tensor cores add in less than float32 precision.
+
+Block sizes come from :func:`gemm_config`, chosen by measurement on an H100 (SXM, triton 3.6,
+CUDA graphs, M=8192, bias + Gelu epilogue, fp16 out; ``.scratch/quantized/sweep.py`` timed 22
+configurations per shape). One configuration, 64x128 tiles with BLOCK_K 128, 4 warps (one
+warpgroup: one 64-row wgmma per step) and 4 stages, was the fastest or within 2.5% of it at every
+BERT-base shape for int8 and fp8 alike (ms, int8 / fp8; the former 128x128x128, 8-warp tiles in
+brackets): K=768 N=3072 0.091 / 0.092 (0.103 / 0.104), K=3072 N=768 0.054 / 0.053 (0.055 / 0.056),
+K=768 N=768 0.0245 / 0.0238 (0.0267 / 0.0263), K=768 N=2304 0.070 / 0.070 (0.080 / 0.079).
+Larger tiles (128x256, 256x128) and deeper or shallower pipelines were no faster: with a K of 768
+a tile has only 6 steps, and (likely) the epilogue (writing 2 bytes per output, against 1 byte per operand
+element read) does not overlap the next tile's loads. A fixed table rather than
+``triton.autotune``: autotuning would time candidates at the first call of each shape, inside an
+engine's load or a CUDA graph's warm-up, for gains this sweep shows to be a few percent.
+
+K a multiple of BLOCK_K (``EVEN_K``) compiles a loop without masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton_epilogue import activation_arguments, dequantize_epilogue
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def gemm_config(m: int, n: int, k: int, float8: bool) -> GemmConfig:
+    """Tile sizes for an [M, K] x [K, N] product of 8-bit operands."""
+    if m <= 16 and not float8:  # fp8 keeps 64-row tiles, the smallest Hopper's fp8 MMA takes
+        return GemmConfig(16, 64, 128, 1, 4, 4)
+    if m <= 64:
+        return GemmConfig(64, 64, 128, 4, 4, 4)
+    return GemmConfig(64, 128, 128, 8, 4, 4)
+
+
+@triton.jit
+def quantized_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
+    M, N, K, stride_am, stride_bk, stride_bn, stride_cm, stride_rm, stride_rn, w_scale_stride,
+    x_scale, zero_point, p0, p1,
+    FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Programs in groups of GROUP_M row blocks sweep the columns together: their A rows and B
+    # columns stay in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows and columns beyond the matrix read row/column 0 again (always in bounds; not stored).
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    if FLOAT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for start in range(0, K, BLOCK_K):
+        if EVEN_K:  # no mask in the loop: plain wide copies into shared memory
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - start
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if FLOAT8:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    residual_ptrs = residual_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn
+    y = dequantize_epilogue(
+        acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
+        colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
+        ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
+    )
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def quantized_gemm(
+    a: torch.Tensor, w_cols: torch.Tensor, x_scale: float | torch.Tensor, w_scale: torch.Tensor,
+    *, zero_point: int = 0, colsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, residual_after_activation: int = 0,
+    activation: str = "", activation_params: Sequence[float] | None = None,
+    out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """The layer's output [M, N] in ``out_dtype`` from quantized rows ``a`` [M, K] (int8 or
+    float8_e4m3fn, contiguous along K) and the weight ``w_cols`` [K, N] (the same dtype, contiguous
+    along K). ``x_scale`` is one number or float32 [M] row scales; ``colsum`` (int32 [N], the
+    weight's column sums) is needed with a nonzero ``zero_point``; ``residual`` is [M, N], any
+    strides (0 to broadcast)."""
+    m, k = a.shape
+    n = w_cols.shape[1]
+    if w_cols.shape[0] != k or a.stride(1) != 1 or w_cols.stride(0) != 1:
+        raise ValueError(
+            f"quantized_gemm takes K-contiguous operands [M, K] x [K, N]; got {tuple(a.shape)} "
+            f"strides {a.stride()} and {tuple(w_cols.shape)} strides {w_cols.stride()}"
+        )
+    if zero_point and colsum is None:
+        raise ValueError("a nonzero zero point needs the weight's column sums")
+    float8 = a.dtype == torch.float8_e4m3fn
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    code, p0, p1 = activation_arguments(activation, activation_params)
+    row_scales = isinstance(x_scale, torch.Tensor)
+    w_scale = w_scale.reshape(-1)
+    if residual is not None:
+        residual = residual.expand(m, n)
+    cfg = config or gemm_config(m, n, k, float8)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    quantized_gemm_kernel[grid](
+        a, w_cols, out, x_scale if row_scales else a, w_scale, colsum if zero_point else a,
+        bias if bias is not None else a, residual if residual is not None else a,
+        m, n, k, a.stride(0), w_cols.stride(0), w_cols.stride(1), out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        1 if w_scale.numel() > 1 else 0,
+        0.0 if row_scales else float(x_scale), int(zero_point), p0, p1,
+        FLOAT8=float8, ROW_SCALES=row_scales, ZERO_POINT=bool(zero_point),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=code,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
