@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from kiln.cli import bench
 from kiln.cli.main import main
@@ -123,3 +125,63 @@ def test_onnxruntime_needs_the_model_not_an_engine(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(tmp_path / "some.kiln"), "--vs", "onnxruntime"])
     assert exit_info.value.code == 2
+
+
+def _engine(model_file, tmp_path, precision: str, device: str) -> str:
+    engine = tmp_path / f"mlp-{precision}.kiln"
+    assert main(["build", str(model_file), "-o", str(engine), "--device", device,
+                 "--precision", precision, "-q"]) == 0
+    return str(engine)
+
+
+def test_torch_peers_compute_in_the_engines_float_type(model_file, torch_module_file, tmp_path,
+                                                       capsys, monkeypatch):
+    made, real = [], bench.TorchRunner
+
+    def recording(*args, **kwargs):
+        made.append(kwargs["dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "TorchRunner", recording)
+    report = _bench_json(
+        capsys, _engine(model_file, tmp_path, "bf16", "cpu"), "--iterations", "3",
+        "--vs", "torch", "--torch-module", f"{torch_module_file}:make",
+    )
+    assert made == [torch.bfloat16] and report["vs"]["torch"]["iterations"] == 3
+    assert report["data_transfers"] is True  # a CPU run has none to leave out, but says so
+
+
+def test_torch_runner_keeps_device_tensors_where_they_are(torch_module_file):
+    from kiln.cli.runners import TorchRunner, load_torch_module
+
+    runner = TorchRunner(load_torch_module(f"{torch_module_file}:make"), "cpu", ["x"], ["y", "h"],
+                         dtype=torch.bfloat16)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    as_arrays = runner.infer({"x": x})
+    as_tensors = runner.infer({"x": torch.from_numpy(x)})
+    assert isinstance(as_arrays["y"], np.ndarray) and as_arrays["y"].dtype == np.float32
+    assert isinstance(as_tensors["y"], torch.Tensor) and as_tensors["y"].dtype == torch.bfloat16
+    np.testing.assert_allclose(as_arrays["y"], as_tensors["y"].float().numpy())
+
+
+@pytest.mark.gpu
+def test_no_data_transfers_times_the_gpu_alone(model_file, torch_module_file, tmp_path, capsys):
+    report = _bench_json(
+        capsys, _engine(model_file, tmp_path, "fp16", "cuda"), "--iterations", "10",
+        "--no-data-transfers", "--vs", "torch", "--torch-module", f"{torch_module_file}:make",
+    )
+    assert report["data_transfers"] is False
+    for copies in ("host_to_device_ms", "device_to_host_ms"):  # nothing to copy: marks only
+        assert report[copies]["median"] < 0.05
+    assert set(report["vs"]) == {"torch"}
+
+
+def test_a_torch_module_file_may_define_dataclasses(tmp_path):
+    from kiln.cli.runners import load_torch_module
+
+    path = tmp_path / "with_dataclass.py"
+    path.write_text(
+        "import dataclasses, torch\n\n@dataclasses.dataclass\nclass Settings:\n    width: int = 4\n\n"
+        "def make():\n    return torch.nn.Linear(Settings().width, 2)\n"
+    )
+    assert isinstance(load_torch_module(f"{path}:make"), torch.nn.Linear)

@@ -1,8 +1,12 @@
 """``kiln bench ENGINE|MODEL``: throughput and latency, as trtexec reports them, and peers alike.
 
-Each run goes NumPy in, NumPy out: host to device, compute, device to host. On cuda the device
-times come from CUDA events and the enqueue time is the host time of the compute phase; on cpu
-everything is read with ``perf_counter``. Peers (``--vs``) run on the same inputs the same way.
+Each run goes NumPy in, NumPy out: host to device, compute, device to host; with
+``--no-data-transfers`` (trtexec's option) the inputs are on the GPU before timing starts and the
+outputs stay there, so the figures are the GPU's alone, as ``benchmarks/peers.py`` measures them.
+On cuda the device times come from CUDA events and the enqueue time is the host time of the
+compute phase; on cpu everything is read with ``perf_counter``. Peers (``--vs``) run on the same
+inputs the same way; the PyTorch peers compute in the engine's float type (fp16 for fp16, int8
+and fp8 engines on cuda, bf16 for bf16 ones).
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N streams at once, each its own thread (and CUDA stream on cuda)",
     )
     timing.add_argument(
+        "--no-data-transfers", action="store_true",
+        help="cuda: inputs on the GPU before timing, outputs left there (time the GPU work alone)",
+    )
+    timing.add_argument(
         "--no-cuda-graph", action="store_true",
         help="run every layer's kernels one by one instead of replaying CUDA graphs",
     )
@@ -105,6 +113,8 @@ def main(args: argparse.Namespace) -> int:
     engine = engine_from(args.target, args)
     device = engine.device.type
     feed = inputs_for(engine, args)
+    if args.no_data_transfers and device == "cuda":
+        feed = {name: torch.from_numpy(value).to(device) for name, value in feed.items()}
     # Imported now, so that a wrong --torch-module fails before the timing, but moved to the
     # device only after kiln's peak memory is read.
     torch_module = load_torch_module(args.torch_module) if wants_torch else None
@@ -119,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
         "device": device,
         "inputs": {name: list(getattr(value, "shape", ())) for name, value in feed.items()},
         "streams": schedule.streams,
+        "data_transfers": not (args.no_data_transfers and device == "cuda"),
         "warmup": schedule.warmup,
         **report,
         "cuda_graphs": {"requested": not args.no_cuda_graph, "used": engine.captured_signatures > 0},
@@ -256,7 +267,8 @@ def _peers_for(
             yield OnnxRuntimeRunner(read_onnx(args.target), device)
         else:
             compiled = peer == "torch-compile"
-            yield TorchRunner(torch_module, device, input_names, output_names, compiled=compiled)
+            yield TorchRunner(torch_module, device, input_names, output_names, compiled=compiled,
+                              dtype=_peer_dtype(engine, device))
 
 
 def _schedule(args: argparse.Namespace) -> Schedule:
@@ -326,3 +338,14 @@ def _print(result: dict[str, Any]) -> None:
         console.print(peers)
     for warning in result["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _peer_dtype(engine: kiln.Engine, device: str) -> torch.dtype:
+    """What the PyTorch peers compute in: the engine's float type (its unquantized layers' type
+    for int8/fp8 engines on cuda)."""
+    precision = engine.manifest.get("precision", "fp32")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" or (device == "cuda" and precision in ("int8", "fp8")):
+        return torch.float16
+    return torch.float32

@@ -78,7 +78,7 @@ class OnnxRuntimeRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feed: Mapping[str, Any], timeline: Timeline | None = None) -> dict[str, Any]:
-        ort_feed = {name: feed[name] for name in self.input_names}
+        ort_feed = {name: _numpy(feed[name]) for name in self.input_names}
         if timeline is not None:
             timeline.mark(RUN_START)
         values = self.session.run(None, ort_feed)
@@ -91,8 +91,10 @@ class TorchRunner:
     """A PyTorch module called with the model's inputs positionally, in the model's input order.
 
     With ``compiled``, the module runs through ``torch.compile`` in its best mode for the device:
-    ``reduce-overhead`` (CUDA graphs) on cuda, ``default`` on cpu. Like kiln, it runs in strict
-    fp32 (no TF32), so that both are timed and compared doing the same arithmetic.
+    ``reduce-overhead`` (CUDA graphs) on cuda, ``default`` on cpu. It computes in ``dtype``: the
+    engine's float type (fp16 for an fp16 engine), else strict fp32 (no TF32), like kiln, so that
+    both are timed and compared doing the same arithmetic. Inputs given as device tensors are used
+    as they are and outputs are left on the device (``kiln bench --no-data-transfers``).
     """
 
     def __init__(
@@ -102,12 +104,14 @@ class TorchRunner:
         input_names: list[str],
         output_names: list[str],
         compiled: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.name = "torch-compile" if compiled else "torch"
         self.device = torch.device(device)
         self.input_names = input_names
         self.output_names = output_names
-        module = module.eval().to(self.device)
+        self.dtype = dtype
+        module = module.eval().to(self.device, dtype)
         self.module = torch.compile(
             module, mode="reduce-overhead" if self.device.type == "cuda" else "default"
         ) if compiled else module
@@ -115,12 +119,11 @@ class TorchRunner:
     def infer(self, feed: Mapping[str, Any], timeline: Timeline | None = None) -> dict[str, Any]:
         if timeline is not None:
             timeline.mark(RUN_START)
+        on_device = all(isinstance(feed[name], torch.Tensor) for name in self.input_names)
         with torch.inference_mode(), strict_fp32():
-            args = [
-                torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device)
-                for name in self.input_names
-            ]
-            values = [v.detach().cpu().numpy() for v in _flatten(self.module(*args))]
+            args = [self._argument(feed[name]) for name in self.input_names]
+            outputs = _flatten(self.module(*args))
+            values = outputs if on_device else [v.detach().float().cpu().numpy() for v in outputs]
         if timeline is not None:
             timeline.mark(PEER_RUN)
         if len(values) != len(self.output_names):
@@ -129,6 +132,16 @@ class TorchRunner:
                 f"{len(self.output_names)} outputs ({', '.join(self.output_names)})"
             )
         return dict(zip(self.output_names, values))
+
+
+    def _argument(self, value: Any) -> torch.Tensor:
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+        tensor = tensor.to(self.device)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 def _flatten(result: Any) -> list[torch.Tensor]:
@@ -153,6 +166,8 @@ def load_torch_module(spec: str) -> torch.nn.Module:
             if loader_spec is None or not path.is_file():
                 raise InputError(f"--torch-module: no such file {path}")
             module = importlib.util.module_from_spec(loader_spec)
+            # registered first, as an import would: dataclasses and pickling look modules up there
+            sys.modules[loader_spec.name] = module
             loader_spec.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path:  # let a module beside the user's model import
