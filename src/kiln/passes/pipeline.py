@@ -5,8 +5,8 @@
 1: + simplification (constant folding through ``ops``, no-op removal, common subexpressions,
    shape arithmetic), then sequence splits indexed at constant positions as plain Splits.
 2: + local fusions (BatchNorm folding, GELU/SiLU/HardSwish, LayerNorm/RMSNorm).
-3: + epilogue fusions (Conv/Gemm/MatMul with bias, activation, residual), attention, and
-   pointwise grouping. The default.
+3: + epilogue fusions (Conv/Gemm/MatMul with bias, activation, residual), attention, sibling
+   products merged (Q/K/V projections), and pointwise grouping. The default.
 4, 5: as 3 for now; reserved for fusions that trade build time for speed.
 
 From level 1, the model's own QuantizeLinear/DequantizeLinear pairs are read into scales first
@@ -37,6 +37,7 @@ from kiln.passes.fuse_conv import fuse_conv
 from kiln.passes.fuse_matmul import fuse_matmul
 from kiln.passes.fuse_norm import fuse_norm
 from kiln.passes.fuse_pointwise import group_pointwise
+from kiln.passes.merge_products import MergeSiblingProducts
 from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
 from kiln.passes.quantize import FORMATS, Calibrate, QuantizeLayers, ReadQuantization
 from kiln.passes.shapes import InferShapes
@@ -69,7 +70,8 @@ def passes_for(
     if opt_level >= 2:
         passes += [fold_batchnorm(), fuse_activations(), fuse_norm()]
     if opt_level >= 3:
-        passes += [fuse_attention(), fuse_mha(), fuse_matmul(), fuse_conv(), group_pointwise()]
+        passes += [fuse_attention(), fuse_mha(), fuse_matmul(), fuse_conv(),
+                   MergeSiblingProducts(pinned or ()), group_pointwise()]
     if opt_level >= 1:
         passes += cleanup()  # what the rewrites left behind: replaced weights, shape glue
     if opt_level == 0 and (precision in REDUCED_TYPES or precision in FORMATS):
