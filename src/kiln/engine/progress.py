@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The phases of kiln.build, in order; int8/fp8 builds also report "calibration", within "passes".
+# The phases of kiln.build, in order; int8/fp8 builds also report "calibration", within "passes";
+# fp16 builds given calibration data report "fp16 range" after "import"; builds under an accuracy
+# budget (or precision "best") report their candidate engines in one "budget" phase around them.
 # Callers that do more (writing the file) add their own.
 BUILD_PHASES = ("import", "passes", "lowering", "tuning", "plan")
 

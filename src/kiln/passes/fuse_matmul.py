@@ -229,46 +229,50 @@ class FuseMatMulResidual(_ProductRule):
         return product, [*nodes, act]
 
 
-class FuseMatMulActivation(_ProductRule):
-    """act(product) -> FusedMatMul(..., activation); one instance per activation op type."""
+def _activated(node: ir.Node, value: ir.Value) -> tuple[FusedProduct, list[ir.Node]] | str:
+    """The product making ``value`` with ``node``'s activation added, or why it takes none."""
+    activation = activation_of(node)
+    if isinstance(activation, str):
+        return activation
+    found = _product(value)
+    if isinstance(found, str):
+        return found
+    product, nodes = found
+    if product.activation:
+        return f"{value.name} already ends in an activation"
+    product.activation, product.activation_params = activation
+    return product, nodes
+
+
+class _ActivationRule(_ProductRule):
+    """A rule anchored at one activation op type; one instance per type."""
 
     def __init__(self, domain: str, op_type: str) -> None:
         self.anchor_domain, self.anchor = domain, op_type
 
+
+class FuseMatMulActivation(_ActivationRule):
+    """act(product) -> FusedMatMul(..., activation)."""
+
     def match(self, node: ir.Node) -> Match | str:
-        activation = activation_of(node)
-        if isinstance(activation, str):
-            return activation
-        found = _product(node.inputs[0])
+        found = _activated(node, node.inputs[0])
         if isinstance(found, str):
             return found
         product, nodes = found
-        if product.activation:
-            return f"{node.inputs[0].name} already ends in an activation"
-        product.activation, product.activation_params = activation
         return Match([*nodes, node], [node.outputs[0]], {"product": product})
 
 
-class FuseMatMulActivationThroughReshape(RewriteRule):
+class FuseMatMulActivationThroughReshape(_ActivationRule):
     """act(Reshape(product)) -> Reshape(FusedMatMul(..., activation))."""
 
-    def __init__(self, domain: str, op_type: str) -> None:
-        self.anchor_domain, self.anchor = domain, op_type
-
     def match(self, node: ir.Node) -> Match | str:
-        activation = activation_of(node)
-        if isinstance(activation, str):
-            return activation
         reshape = producer(node.inputs[0], "Reshape")
         if reshape is None:
             return f"{node.inputs[0].name} is not made by a Reshape"
-        found = _product(reshape.inputs[0])
+        found = _activated(node, reshape.inputs[0])
         if isinstance(found, str):
             return found
         product, nodes = found
-        if product.activation:
-            return f"{reshape.inputs[0].name} already ends in an activation"
-        product.activation, product.activation_params = activation
         return Match([*nodes, reshape, node], [node.outputs[0]], {"product": product, "reshape": reshape})
 
     def rewrite(self, match: Match) -> list[ir.Node]:
