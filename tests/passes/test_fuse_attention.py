@@ -407,7 +407,7 @@ def test_other_operand_orders_and_a_mask_hiding_every_key():
 
 
 def heads_first_graph(*, mask_nodes, mask_inputs=(), initializers=(), fill=-np.inf,
-                      extra_outputs=()) -> onnx.ModelProto:
+                      extra_outputs=(), batch="b", seq="s") -> onnx.ModelProto:
     """Attention on [b, h, s, d] inputs: Div by sqrt(d), then ``mask_nodes`` from "scaled" to
     "masked", Softmax, P @ V."""
     nodes = [
@@ -418,8 +418,8 @@ def heads_first_graph(*, mask_nodes, mask_inputs=(), initializers=(), fill=-np.i
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "v"], ["y"]),
     ]
-    inputs = [(name, FLOAT, ["b", HEADS, "s", HEAD_DIM]) for name in "qkv"]
-    outputs = [("y", ["b", HEADS, "s", HEAD_DIM]), *extra_outputs]
+    inputs = [(name, FLOAT, [batch, HEADS, seq, HEAD_DIM]) for name in "qkv"]
+    outputs = [("y", [batch, HEADS, seq, HEAD_DIM]), *extra_outputs]
     constants = [("sqrt_d", np.float32(math.sqrt(HEAD_DIM))), ("fill", np.float32(fill))]
     return graph_model(nodes, [*inputs, *mask_inputs], outputs, [*constants, *initializers])
 
@@ -473,6 +473,23 @@ def test_constant_upper_triangle_of_minus_infinity_is_causal():
     (found,) = attentions(fused)
     assert found["causal"] == 1 and found["mask_kind"] == "none"
     assert_matches_ort(fused, original, HEADS_FIRST_SHAPES)
+
+
+@pytest.mark.parametrize("repeated", [True, False], ids=["same-triangle", "batches-differ"])
+def test_mask_folded_per_batch_is_causal_when_every_batch_has_the_triangle(repeated):
+    """transformers' masks, folded at a static shape: [batch, 1, s, s] of 0 and float32's lowest."""
+    s, lowest = 5, np.finfo(np.float32).min
+    masks = np.stack([np.triu(np.full((s, s), lowest, np.float32), 1)] * 2)[:, None]
+    if not repeated:
+        masks[1, 0, 3, 1] = lowest  # one more key hidden in the second batch: not causal
+    original = heads_first_graph(
+        mask_nodes=[helper.make_node("Add", ["scaled", "folded"], ["masked"])],
+        initializers=[("folded", masks)], batch=2, seq=s)
+    fused, changes = fuse(original)
+    assert changes == {"FuseScaledDotProductAttention": 1}
+    (found,) = attentions(fused)
+    assert (found["causal"], found["mask_kind"]) == ((1, "none") if repeated else (0, "additive"))
+    assert_matches_ort(fused, original, [{}])
 
 
 def test_constant_band_is_a_boolean_mask_not_a_causal_one():

@@ -288,13 +288,17 @@ class _Triangle:
 
 def _corner(value: ir.Value) -> tuple[np.ndarray, list[Dim]] | None:
     """A constant, through Slices that keep its top-left corner (a registered causal buffer cut to
-    the sequence lengths): its last two axes as a matrix, and the dims of the cut."""
+    the sequence lengths): its last two axes as a matrix, and the dims of the cut. Leading axes
+    must repeat one matrix (a mask folded from shapes is [batch, 1, s, s] of the same triangle)."""
     slices = []
     while (node := producer(value, "Slice")) is not None:
         slices.append(node)
         value = node.inputs[0]
     array = constant(value)
-    if array is None or not 2 <= array.ndim <= 4 or any(d != 1 for d in array.shape[:-2]):
+    if array is None or not 2 <= array.ndim <= 4:
+        return None
+    matrices = array.reshape(-1, *array.shape[-2:])
+    if any(not np.array_equal(matrix, matrices[0]) for matrix in matrices[1:]):
         return None
     extent: list[Dim] = list(array.shape[-2:])
     seen: set[int] = set()
@@ -308,7 +312,7 @@ def _corner(value: ir.Value) -> tuple[np.ndarray, list[Dim]] | None:
             if isinstance(end, str) and extent[axis] < 2 or isinstance(end, int) and end < 0:
                 return None
             extent[axis] = end if isinstance(end, str) else min(end, extent[axis])
-    return array.reshape(array.shape[-2:]), [*array.shape[:-2], *extent]
+    return matrices[0], [*array.shape[:-2], *extent]
 
 
 def _top_left_cut(node: ir.Node, rank: int) -> dict[int, Dim] | None:
