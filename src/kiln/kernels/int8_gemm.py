@@ -54,8 +54,38 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
 
-def _static(dims) -> list[int] | None:
+def static_dims(dims) -> list[int] | None:
+    """``dims`` as a list when every one is a known size, else None."""
     return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None
+
+
+def output_channel_sums(w: torch.Tensor) -> torch.Tensor:
+    """The int32 sum of each output channel (axis 0) of a weight, over all its other axes."""
+    return w.reshape(w.shape[0], -1).sum(1, dtype=torch.int32)
+
+
+def column_sums(w: torch.Tensor) -> torch.Tensor:
+    """The int32 sum of each column of a [K, N] weight."""
+    return w.sum(0, dtype=torch.int32)
+
+
+class WeightSums:
+    """The int32 sums of each prepared int8 weight that a zero point's correction subtracts:
+    computed once, when the engine loads (:meth:`remember`), or at the call for a weight that
+    was not prepared."""
+
+    def __init__(self, sum_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._sum_of = sum_of
+        self._sums: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def remember(self, w: torch.Tensor) -> torch.Tensor:
+        if w.dtype == torch.int8:
+            self._sums[w] = self._sum_of(w)
+        return w
+
+    def of(self, w: torch.Tensor) -> torch.Tensor:
+        cached = self._sums.get(w)
+        return cached if cached is not None else self._sum_of(w)
 
 
 def _gemm_sized(k: int, n: int) -> bool:
@@ -106,33 +136,27 @@ class CublasLtInt8GemmChoice(Choice):
     def supports(self, spec: KernelSpec, device: str) -> bool:
         if not _integer_activation(spec, device):
             return False
-        weight = _static(spec.input_types[1].shape)
+        weight = static_dims(spec.input_types[1].shape)
         return weight is not None and len(weight) == 2 and _gemm_sized(*weight)
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
-        colsums: WeakIdKeyDictionary = WeakIdKeyDictionary()  # prepared weight -> its column sums
+        sums = WeightSums(column_sums)
 
         def prepare(w: torch.Tensor) -> torch.Tensor:
-            w = column_major(w)
-            colsums[w] = w.sum(0, dtype=torch.int32)
-            return w
+            return sums.remember(column_major(w))
 
         def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, *, x_scale=0.0,
                 x_zero_point=0, x_type=INT8, dynamic=0, activation="", activation_params=None,
                 residual_after_activation=0, **_same_as_reference):
             k, n = w_q.shape
             w_cols = column_major(w_q)
-
-            def colsum() -> torch.Tensor:
-                cached = colsums.get(w_cols)
-                return cached if cached is not None else w_cols.sum(0, dtype=torch.int32)
-
             values, scale = matmul_activation(x, x_inverse_smooth, x_scale, x_type, dynamic)
             zero_point = 0 if dynamic else x_zero_point
             xq8, zero_point8 = quantize_activation_int8(values, scale, zero_point, x_type)
             rows_scale = scale.reshape(-1, 1) if isinstance(scale, torch.Tensor) else scale
             y = dequantized_product(
-                xq8.reshape(-1, k), zero_point8, rows_scale, w_cols, colsum, w_scale, bias
+                xq8.reshape(-1, k), zero_point8, rows_scale, w_cols, lambda: sums.of(w_cols),
+                w_scale, bias,
             )
             y = y.reshape(*x.shape[:-1], n)
             y = apply_epilogue(y, residual, activation, activation_params, residual_after_activation)
@@ -155,7 +179,7 @@ class CublasLtInt8Conv1x1Choice(Choice):
         if not _integer_activation(spec, device):
             return False
         attributes = attributes_of(spec)
-        weight = _static(spec.input_types[1].shape)
+        weight = static_dims(spec.input_types[1].shape)
         x_shape = spec.input_types[0].shape
         if weight is None or len(weight) < 3 or x_shape is None or len(x_shape) != len(weight):
             return False
@@ -172,12 +196,10 @@ class CublasLtInt8Conv1x1Choice(Choice):
         )
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
-        colsums: WeakIdKeyDictionary = WeakIdKeyDictionary()  # prepared weight -> its row sums
+        sums = WeightSums(output_channel_sums)
 
         def prepare(w: torch.Tensor) -> torch.Tensor:
-            w = w.contiguous()
-            colsums[w] = w.reshape(w.shape[0], -1).sum(1, dtype=torch.int32)
-            return w
+            return sums.remember(w.contiguous())
 
         def run(x, w_q, w_scale, bias=None, residual=None, *, x_scale, x_zero_point=0,
                 x_type=INT8, activation="", activation_params=None, residual_after_activation=0,
@@ -185,17 +207,13 @@ class CublasLtInt8Conv1x1Choice(Choice):
             out_channels, in_channels = w_q.shape[:2]
             w_rows = w_q.reshape(out_channels, in_channels)  # [O, C]; its transpose is [K, N]
 
-            def colsum() -> torch.Tensor:
-                cached = colsums.get(w_q)
-                return cached if cached is not None else w_rows.sum(1, dtype=torch.int32)
-
             xq8, zero_point8 = quantize_activation_int8(x, x_scale, x_zero_point, x_type)
             # [N, D1, ..., C]: a view, whose rows lie row-major when x is channels-last; else an
             # int8 copy
             pixels = xq8.movedim(1, -1)
             y = dequantized_product(
                 pixels.reshape(-1, in_channels), zero_point8, x_scale, column_major(w_rows.t()),
-                colsum, w_scale, bias,
+                lambda: sums.of(w_q), w_scale, bias,
             )
             y = y.reshape(*pixels.shape[:-1], out_channels).movedim(-1, 1)
             y = apply_epilogue(y, residual, activation, activation_params, residual_after_activation)

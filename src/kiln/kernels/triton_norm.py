@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.choice import Choice, Launch, input_dtypes, with_fn
+from kiln.kernels.choice import FLOAT_TYPES, Choice, Launch, input_dtypes, with_fn
 from kiln.kernels.torch_norm import normalizes_last_axis
 from kiln.ops.activation import KILN
 from kiln.ops.registry import OpImpl
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
 MAX_WIDTH = 16384  # one row per program, in registers
-FLOAT_TYPES = (1, 10, 16)  # ONNX FLOAT, FLOAT16, BFLOAT16: what tl.load converts exactly
 
 
 @triton.jit

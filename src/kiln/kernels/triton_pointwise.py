@@ -35,17 +35,15 @@ import torch
 from kiln.errors import KilnError
 from kiln.kernels.choice import Choice, Launch, with_fn
 from kiln.kernels.triton_codegen import (
-    BFLOAT16, BOOL, FLOAT, FLOAT16, INT32, INT64, KERNEL_NAME, MAX_RANK, SAME_LAYOUT, SCALAR,
-    STRIDED, UnsupportedBody, decode_constant, generate,
+    KERNEL_NAME, MAX_RANK, SAME_LAYOUT, SCALAR, STRIDED, UnsupportedBody, decode_constant, generate,
 )
 from kiln.ops.activation import KILN
+from kiln.ops.dtypes import torch_dtype
 from kiln.ops.registry import OpImpl
 
 if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
-_TORCH = {FLOAT: torch.float32, FLOAT16: torch.float16, BFLOAT16: torch.bfloat16, INT32: torch.int32,
-          INT64: torch.int64, BOOL: torch.bool}
 _INT32_LIMIT = 2**31 - 1
 _MAX_PLANS = 64
 
@@ -134,7 +132,7 @@ class PointwiseLauncher:
     def __init__(self, recipe: Mapping[str, Any], kernel: Any) -> None:
         self.kernel = kernel
         self.used = recipe["used_operands"]
-        self.output_dtypes = [_TORCH[t] for t in recipe["output_types"]]
+        self.output_dtypes = [torch_dtype(t) for t in recipe["output_types"]]
         self.constant_entries = recipe["constants"]
         self.num_inputs = recipe["num_operands"] - len(self.constant_entries)
         self.constants: dict[torch.device, list[torch.Tensor]] = {}
@@ -177,7 +175,7 @@ class PointwiseLauncher:
         """The tensor constants on ``device``, made on the first call (before any capture)."""
         if device not in self.constants:
             self.constants[device] = [
-                torch.from_numpy(decode_constant(entry).copy()).to(device=device, dtype=_TORCH[entry["dtype"]])
+                torch.from_numpy(decode_constant(entry).copy()).to(device=device, dtype=torch_dtype(entry["dtype"]))
                 for entry in self.constant_entries
             ]
         return self.constants[device]

@@ -12,26 +12,26 @@ quantized channels-last in one pass, then an implicit-GEMM convolution with the 
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
 specs are never timed (integer weights), so the catalog puts them first, where the untimed default
-is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 6.4 ms with them
+is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 5.2 ms with them
 against 26.5 ms with the cuBLASLt int8 choice and float32 quantization passes, INT8 ResNet-50
-9.5 ms against 28.5 ms. They need Triton and a GPU with 8-bit tensor cores; FP8 needs compute
+6.3 ms against 28.5 ms (fp16: 3.7 and 2.4 ms). They need Triton and a GPU with 8-bit tensor cores; FP8 needs compute
 capability 8.9.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from kiln.kernels.choice import FLOAT_TYPES, Choice, Launch, attributes_of, input_dtypes, with_fn
 from kiln.kernels.fp8_gemm import fp8_tensor_cores
-from kiln.kernels.int8_gemm import MAX_DEPTH, column_major
+from kiln.kernels.int8_gemm import (
+    MAX_DEPTH, WeightSums, column_major, column_sums, output_channel_sums, static_dims,
+)
 from kiln.ops.activation import KILN
-from kiln.ops.conv import _resolve_pads, _spans
+from kiln.ops.conv import resolve_pads, spans_of
 from kiln.ops.quantized import FLOAT8E4M3FN, INT8, UINT8
 from kiln.ops.registry import OpImpl
 
@@ -39,18 +39,10 @@ if TYPE_CHECKING:
     from kiln.lowering.spec import KernelSpec
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _static(dims) -> list[int] | None:
-    return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None
-
-
 def _quantized_types(spec: KernelSpec, device: str) -> bool:
     """A float activation on CUDA with int8 weights for INT8/UINT8, fp8 ones for FLOAT8E4M3FN."""
     dtypes = input_dtypes(spec)
-    if device != "cuda" or dtypes[0] not in FLOAT_TYPES or len(dtypes) < 3 or not triton_available():
+    if device != "cuda" or dtypes[0] not in FLOAT_TYPES or len(dtypes) < 3:
         return False
     x_type = attributes_of(spec).get("x_type", INT8)
     if x_type in (INT8, UINT8):
@@ -67,20 +59,17 @@ class TritonQuantizedMatMulChoice(Choice):
     def supports(self, spec: KernelSpec, device: str) -> bool:
         if not _quantized_types(spec, device):
             return False
-        weight = _static(spec.input_types[1].shape)
+        weight = static_dims(spec.input_types[1].shape)
         return weight is not None and len(weight) == 2 and 0 < weight[0] <= MAX_DEPTH and weight[1] > 0
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         from kiln.kernels.triton_quantize import quantize_rows_dynamic, quantize_rows_static
         from kiln.kernels.triton_quantized_gemm import quantized_gemm
 
-        colsums: WeakIdKeyDictionary = WeakIdKeyDictionary()  # prepared weight -> its column sums
+        sums = WeightSums(column_sums)
 
         def prepare(w: torch.Tensor) -> torch.Tensor:
-            w = column_major(w)
-            if w.dtype == torch.int8:
-                colsums[w] = w.sum(0, dtype=torch.int32)
-            return w
+            return sums.remember(column_major(w))
 
         def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, *, x_scale=0.0,
                 x_zero_point=0, x_type=INT8, dynamic=0, activation="", activation_params=None,
@@ -97,10 +86,7 @@ class TritonQuantizedMatMulChoice(Choice):
                     rows = rows.to(torch.float32) * x_inverse_smooth.to(torch.float32)
                 q, zero_point8 = quantize_rows_static(rows, x_scale, x_zero_point, x_type, float8)
                 scale = x_scale
-            colsum = None
-            if zero_point8:
-                colsum = colsums.get(w_cols)
-                colsum = colsum if colsum is not None else w_cols.sum(0, dtype=torch.int32)
+            colsum = sums.of(w_cols) if zero_point8 else None
             if residual is not None:
                 residual = residual.expand(*x.shape[:-1], n).reshape(-1, n)
             y = quantized_gemm(
@@ -122,7 +108,7 @@ class TritonQuantizedConvChoice(Choice):
     def supports(self, spec: KernelSpec, device: str) -> bool:
         if not _quantized_types(spec, device):
             return False
-        weight = _static(spec.input_types[1].shape)
+        weight = static_dims(spec.input_types[1].shape)
         x_shape = spec.input_types[0].shape
         if weight is None or len(weight) != 4 or x_shape is None or len(x_shape) != 4:
             return False
@@ -136,13 +122,10 @@ class TritonQuantizedConvChoice(Choice):
         from kiln.kernels.triton_quantize import quantize_rows_static
         from kiln.kernels.triton_quantized_conv import quantized_conv2d
 
-        sums: WeakIdKeyDictionary = WeakIdKeyDictionary()  # prepared weight -> its window sums
+        sums = WeightSums(output_channel_sums)
 
         def prepare(w: torch.Tensor) -> torch.Tensor:
-            w = w.contiguous(memory_format=torch.channels_last)
-            if w.dtype == torch.int8:
-                sums[w] = w.sum((1, 2, 3), dtype=torch.int32)
-            return w
+            return sums.remember(w.contiguous(memory_format=torch.channels_last))
 
         def run(x, w_q, w_scale, bias=None, residual=None, *, x_scale, x_zero_point=0,
                 x_type=INT8, auto_pad="NOTSET", dilations=None, pads=None, strides=None,
@@ -152,8 +135,8 @@ class TritonQuantizedConvChoice(Choice):
             kernel = list(w_q.shape[2:])
             dilations = list(dilations or [1, 1])
             strides = list(strides or [1, 1])
-            spans = _spans(kernel, dilations)
-            begin, end = _resolve_pads(auto_pad, pads, [height, width], spans, strides)
+            spans = spans_of(kernel, dilations)
+            begin, end = resolve_pads(auto_pad, pads, [height, width], spans, strides)
             output_size = [(size + b + e - span) // stride + 1
                            for size, b, e, span, stride in zip([height, width], begin, end, spans, strides)]
             float8 = x_type == FLOAT8E4M3FN
@@ -161,10 +144,7 @@ class TritonQuantizedConvChoice(Choice):
             q, zero_point8 = quantize_rows_static(
                 pixels.reshape(-1, channels), x_scale, x_zero_point, x_type, float8
             )
-            colsum = None
-            if zero_point8:
-                colsum = sums.get(w_q)
-                colsum = colsum if colsum is not None else w_q.sum((1, 2, 3), dtype=torch.int32)
+            colsum = sums.of(w_q) if zero_point8 else None
             return quantized_conv2d(
                 q.view(batch, height, width, channels), w_q, x_scale, w_scale.to(torch.float32),
                 strides=strides, pads=begin, dilations=dilations, output_size=output_size,

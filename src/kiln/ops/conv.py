@@ -30,12 +30,12 @@ def _or_ones(values: Sequence[int] | None, n: int) -> list[int]:
     return list(values) if values else [1] * n
 
 
-def _spans(kernel: Sequence[int], dilations: Sequence[int]) -> list[int]:
+def spans_of(kernel: Sequence[int], dilations: Sequence[int]) -> list[int]:
     """How many input positions a dilated kernel covers, per axis."""
     return [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
 
 
-def _resolve_pads(
+def resolve_pads(
     auto_pad: str,
     pads: Sequence[int] | None,
     sizes: Sequence[int],
@@ -95,8 +95,8 @@ def _pooling(
     sizes = list(x.shape[2:])
     n = len(sizes)
     strides, dilations = _or_ones(strides, n), _or_ones(dilations, n)
-    spans = _spans(kernel_shape, dilations)
-    begin, end = _resolve_pads(auto_pad, pads, sizes, spans, strides)
+    spans = spans_of(kernel_shape, dilations)
+    begin, end = resolve_pads(auto_pad, pads, sizes, spans, strides)
     out, padded_end = [], []
     for size, span, stride, b, e in zip(sizes, spans, strides, begin, end):
         room = size + b + e - span
@@ -122,8 +122,8 @@ def conv(
 ):
     n = x.dim() - 2
     strides, dilations = _or_ones(strides, n), _or_ones(dilations, n)
-    begin, end = _resolve_pads(
-        auto_pad, pads, x.shape[2:], _spans(w.shape[2:], dilations), strides
+    begin, end = resolve_pads(
+        auto_pad, pads, x.shape[2:], spans_of(w.shape[2:], dilations), strides
     )
     padding = begin
     if begin != end:
