@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import kiln
-from timing import median_ms
+from timing import median_ms, runs_per_s
 
 HERE = Path(__file__).resolve().parent
 SEQUENCE = 128
@@ -243,11 +243,11 @@ def run_kiln(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[st
     print(f"    built in {build_s:.1f} s, loaded in {load_s:.2f} s; timing", flush=True)
     given = dict(zip(names, inputs))
     feed = {info.name: given[info.name].to(settings.device) for info in engine.inputs}
-    ms = median_ms(lambda: engine.run(feed), settings.device, settings.runs, settings.warmup)
+    timed = timings(lambda: engine.run(feed), settings)
     peak = peak_memory(settings.device)
     output = next(iter(engine.run(feed).values()))
     calibrated = {"calibration_s": round(phases["calibration"], 3)} if "calibration" in phases else {}
-    return {"ms": ms, "exporter": exporter, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
+    return {**timed, "exporter": exporter, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
             **calibrated, **peak, "cosine": cosine(output, reference)}
 
 
@@ -257,7 +257,7 @@ def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, s
     args = tuple(x.to(settings.device, dtype if x.is_floating_point() else x.dtype) for x in inputs)
     with torch.inference_mode():
         if system == EAGER:
-            return {"ms": median_ms(lambda: module(*args), settings.device, settings.runs, settings.warmup), **peak_memory(settings.device)}
+            return {**timings(lambda: module(*args), settings), **peak_memory(settings.device)}
         compiled = torch.compile(module, mode=COMPILE_MODES[system], dynamic=False)
 
         def call() -> torch.Tensor:
@@ -268,8 +268,14 @@ def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, s
         compile_s, _ = wall_seconds(call, settings.device)
         if settings.device == "cuda":
             torch.cuda.reset_peak_memory_stats()  # what running takes, as for kiln after its build
-        ms = median_ms(call, settings.device, settings.runs, settings.warmup)
-    return {"ms": ms, "compile_s": round(compile_s, 3), **peak_memory(settings.device)}
+        timed = timings(call, settings)
+    return {**timed, "compile_s": round(compile_s, 3), **peak_memory(settings.device)}
+
+
+def timings(fn: Callable[[], object], settings: Settings) -> dict:
+    """``ms``: median latency of one run, each waited for; ``runs_per_s``: runs enqueued back to back."""
+    return {"ms": median_ms(fn, settings.device, settings.runs, settings.warmup),
+            "runs_per_s": runs_per_s(fn, settings.device, settings.runs, settings.warmup)}
 
 
 def peak_memory(device: str) -> dict:
@@ -306,9 +312,9 @@ def run_case(name: str, model: nn.Module, batch: int, systems: list[str], settin
         else:
             run = partial(run_torch, model, inputs, system, settings)
         result = run_system(system, run, settings)
-        ms = result.pop("ms")
+        ms, per_s = result.pop("ms"), result.pop("runs_per_s", None)
         rows.append({"model": name, "batch": batch, "precision": settings.precision, "system": system,
-                     "ms": ms, "items_per_s": None if ms is None else batch * 1e3 / ms,
+                     "ms": ms, "items_per_s": None if per_s is None else batch * per_s,
                      "device": device_name, **result})
     return rows
 
@@ -316,11 +322,14 @@ def run_case(name: str, model: nn.Module, batch: int, systems: list[str], settin
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def kiln_speedup(rows: list[dict]) -> float | None:
-    """Best peer ms / kiln ms for one case's rows, when kiln and at least one peer ran."""
-    kiln_ms = next((r["ms"] for r in rows if r["system"] == KILN), None)
-    peer_ms = [r["ms"] for r in rows if r["system"] != KILN and r["ms"] is not None]
-    return min(peer_ms) / kiln_ms if kiln_ms and peer_ms else None
+def kiln_speedup(rows: list[dict], measure: str = "ms") -> float | None:
+    """kiln's speedup over the best peer of one case's rows, when kiln and a peer ran: in latency
+    (``ms``, best peer's over kiln's) or in throughput (``items_per_s``, kiln's over best peer's)."""
+    kiln_value = next((r[measure] for r in rows if r["system"] == KILN), None)
+    peers = [r[measure] for r in rows if r["system"] != KILN and r[measure] is not None]
+    if not kiln_value or not peers:
+        return None
+    return min(peers) / kiln_value if measure == "ms" else kiln_value / max(peers)
 
 
 def geomean(values: list[float]) -> float | None:
@@ -365,7 +374,8 @@ def case_report(rows: list[dict]) -> str:
     speedup = kiln_speedup(rows)
     lines = [markdown_table(["system", "ms", "items/s", "peak MiB"], body),
              *(text for text in map(note, rows) if text),
-             *([] if speedup is None else [f"kiln / best peer: {speedup:.3f}"])]
+             *([] if speedup is None else [f"kiln / best peer: {speedup:.3f} in latency, "
+                                           f"{fmt(kiln_speedup(rows, 'items_per_s'), 3)} back to back"])]
     return "\n".join(lines)
 
 
@@ -384,16 +394,18 @@ def summary_table(rows: list[dict], systems: list[str]) -> str:
                      *("failed" if s in by_system and by_system[s]["ms"] is None
                        else fmt(by_system.get(s, {}).get("ms"), 3) for s in systems),
                      fmt(kiln_speedup(list(by_system.values())), 3),
+                     fmt(kiln_speedup(list(by_system.values()), "items_per_s"), 3),
                      cosine_note(kiln_row["cosine"]) if "cosine" in kiln_row else "—",
                      fmt(kiln_row.get("build_s"), 1), fmt(kiln_row.get("load_s"), 2)])
     header = ["model", "batch", *(f"{short_name(s)} (ms)" for s in systems), "kiln / best peer",
+              "same, back to back",
               "kiln cosine", "kiln build (s)", "kiln load (s)"]
     return markdown_table(header, body)
 
 
-def overall_speedup(rows: list[dict]) -> tuple[float | None, int]:
+def overall_speedup(rows: list[dict], measure: str = "ms") -> tuple[float | None, int]:
     cases = dict.fromkeys((r["model"], r["batch"]) for r in rows)
-    speedups = [kiln_speedup([r for r in rows if (r["model"], r["batch"]) == case]) for case in cases]
+    speedups = [kiln_speedup([r for r in rows if (r["model"], r["batch"]) == case], measure) for case in cases]
     speedups = [s for s in speedups if s is not None]
     return geomean(speedups), len(speedups)
 
@@ -425,12 +437,15 @@ def results_section(rows: list[dict], args: argparse.Namespace, settings: Settin
         "",
         f"`{measured_command(args)}`",
         f"— torch {torch.__version__}, triton {version('triton')}, torchvision {version('torchvision')}, "
-        f"transformers {version('transformers')}; random weights, {settings.precision}, median of "
-        f"{settings.runs} runs after {settings.warmup} warm-up runs, {timing}, one process.",
+        f"transformers {version('transformers')}; random weights, {settings.precision}, {timing}, one "
+        f"process. Latency (ms): the median of {settings.runs} runs after {settings.warmup} warm-up "
+        f"runs, each waited for; back to back: the throughput of {settings.runs} runs enqueued "
+        f"without waiting, as a serving loop or `kiln bench` runs them.",
         "",
         summary_table(rows, args.systems),
         "",
-        f"Geometric mean of kiln / best peer over {count} cases: {fmt(mean, 3)}.",
+        f"Geometric mean of kiln / best peer over {count} cases: {fmt(mean, 3)} in latency, "
+        f"{fmt(overall_speedup(rows, 'items_per_s')[0], 3)} back to back.",
     ]
     if failures:
         lines += ["", "Failed:", *failures]
@@ -525,7 +540,8 @@ def main() -> None:
             del model
     write_json(rows, output)
     mean, count = overall_speedup(rows)
-    print(f"\ngeometric mean of kiln / best peer over {count} cases: {fmt(mean, 3)}", flush=True)
+    print(f"\ngeometric mean of kiln / best peer over {count} cases: {fmt(mean, 3)} in latency, "
+          f"{fmt(overall_speedup(rows, 'items_per_s')[0], 3)} back to back", flush=True)
     print(f"wrote {output}", flush=True)
     if rows and not args.no_append:
         with args.results_md.open("a") as results:

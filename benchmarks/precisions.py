@@ -56,9 +56,9 @@ def run_precisions(name: str, batch: int, precisions: list[str], args: argparse.
         run = partial(run_kiln, model, inputs, case.input_names, reference, f"{name}-b{batch}",
                       settings, calibration if quantized else None)
         result = run_system(f"{KILN} {precision}", run, settings)
-        ms = result.pop("ms")
+        ms, per_s = result.pop("ms"), result.pop("runs_per_s", None)
         rows.append({"model": name, "batch": batch, "precision": precision, "system": KILN, "ms": ms,
-                     "items_per_s": None if ms is None else batch * 1e3 / ms, "device": device_name,
+                     "items_per_s": None if per_s is None else batch * per_s, "device": device_name,
                      **({"calibration_samples": len(calibration) * batch} if quantized else {}),
                      **result})
     return rows
