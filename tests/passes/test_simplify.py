@@ -83,9 +83,79 @@ def test_folding_never_expands_or_duplicates_large_constants():
     proto = model(nodes, [("x", FLOAT, ["n", 300])], ["y"],
                   {"half": np.array([0.5], np.float32), "big_shape": ints(512, 512), "shared": shared})
     folded, changes = apply(FoldConstants(), proto)
-    assert not changes
-    assert ops(folded) == ["Expand", "Transpose", "MatMul", "MatMul", "ReduceSum", "Mul"]
+    # The sum of the expansion folds (to one number); the expansion and the shared weight stay.
+    assert changes == {"EvaluateConstantNode": 1}
+    assert ops(folded) == ["Transpose", "MatMul", "MatMul", "Mul"]
+    assert all(v.const_value.size <= 300 * 300 for v in folded.graph.initializers.values())
     assert_matches_onnxruntime(proto, folded, SIZES)
+
+
+def per_batch_mask_model(eq_rows: np.ndarray) -> onnx.ModelProto:
+    """A causal mask built at batch 8 from constants, as exporters write it at static shapes:
+    (keys <= queries) & (segment[query] == segment[key]), then 0 / finfo.min, added to scores."""
+    q = np.arange(16)
+    segments = np.broadcast_to(eq_rows[:, None], (8, 16)).astype(np.int64)
+    nodes = [
+        helper.make_node("Unsqueeze", ["segments", "axes_q"], ["seg_q"]),  # [8, 1, 16, 1]
+        helper.make_node("Unsqueeze", ["segments", "axes_k"], ["seg_k"]),  # [8, 1, 1, 16]
+        helper.make_node("Equal", ["seg_q", "seg_k"], ["same"]),            # [8, 1, 16, 16]
+        helper.make_node("And", ["causal", "same"], ["visible"]),
+        helper.make_node("Where", ["visible", "zero", "lowest"], ["mask"]),
+        helper.make_node("Add", ["x", "mask"], ["y"]),
+    ]
+    return model(nodes, [("x", FLOAT, [8, 2, 16, 16])], ["y"], {
+        "segments": segments, "axes_q": ints(1, 3), "axes_k": ints(1, 2),
+        "causal": (q[None, :] <= q[:, None])[None, None],
+        "zero": np.float32(0), "lowest": np.float32(np.finfo(np.float32).min),
+    })
+
+
+def test_a_mask_built_per_batch_folds_to_the_slice_it_repeats(monkeypatch):
+    monkeypatch.setattr("kiln.passes.simplify.MAX_FOLDED_ELEMENTS", 1024)  # the mask is 2048
+    proto = per_batch_mask_model(np.zeros(8))  # one segment: the same causal mask for every item
+    folded, changes = apply(Simplify(), proto)
+    assert changes["EvaluateConstantNode"] == 5 and changes["AbsorbExpandIntoBroadcast"] == 1
+    assert ops(folded) == ["Add"]
+    mask = folded.graph.node(0).inputs[1].const_value.numpy()
+    assert mask.shape == (1, 1, 16, 16)
+    assert_matches_onnxruntime(proto, folded, [{}])
+
+
+def test_a_result_that_differs_along_an_axis_is_not_cut(monkeypatch):
+    monkeypatch.setattr("kiln.passes.simplify.MAX_FOLDED_ELEMENTS", 1024)
+    rows = np.zeros(8)
+    rows[5] = 1  # item 5 differs from the others only in its segment number: the same mask
+    folded, _ = apply(Simplify(), per_batch_mask_model(rows))
+    assert ops(folded) == ["Add"]  # equal segments within each item: still one slice
+    rows = np.arange(8.0)
+    proto = per_batch_mask_model(rows)
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(  # item 3 has two segments
+        np.where(np.arange(16) < 8, 3, 4)[None].repeat(8, 0) * (np.arange(8) == 3)[:, None], "segments"))
+    folded, _ = apply(Simplify(), proto)
+    assert "Add" in ops(folded) and len(ops(folded)) > 1  # the mask differs per item: not folded
+    assert_matches_onnxruntime(proto, folded, [{}])
+
+
+def test_signed_zeros_count_as_different(monkeypatch):
+    monkeypatch.setattr("kiln.passes.simplify.MAX_FOLDED_ELEMENTS", 4)
+    signs = np.array([[0.0], [-0.0]], np.float32)
+    nodes = [helper.make_node("Expand", ["signs", "shape"], ["wide"]),
+             helper.make_node("Neg", ["wide"], ["negated"]),
+             helper.make_node("Add", ["x", "negated"], ["y"])]
+    proto = model(nodes, [("x", FLOAT, [2, 8])], ["y"], {"signs": signs, "shape": ints(2, 8)})
+    folded, _ = apply(Simplify(), proto)
+    stored = [v.const_value.numpy() for v in folded.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT]
+    assert [a.shape for a in stored] == [(2, 1)]  # cut along the repeated axis only
+    np.testing.assert_array_equal(np.signbit(stored[0]), [[True], [False]])
+
+
+def test_an_expand_a_reader_needs_stays():
+    nodes = [helper.make_node("Expand", ["row", "shape"], ["rows"]),
+             helper.make_node("Add", ["x", "rows"], ["y"])]  # x [4] + rows [3, 4] -> [3, 4]
+    proto = model(nodes, [("x", FLOAT, [4])], ["y"],
+                  {"row": np.arange(4, dtype=np.float32)[None], "shape": ints(3, 4)})
+    folded, changes = apply(RemoveNoOps(), proto)
+    assert "AbsorbExpandIntoBroadcast" not in changes and ops(folded) == ["Expand", "Add"]
 
 
 def test_random_ops_are_not_folded():

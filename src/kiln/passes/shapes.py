@@ -792,7 +792,7 @@ _SAME_SHAPE = """
     ScatterND Selu Shrink Sigmoid Sign Sin Sinh Softmax Softplus Softsign Sqrt Swish Tan Tanh
     ThresholdedRelu Trilu
 """.split()
-_BROADCAST = """
+BROADCAST_OPS = """
     Add And BitShift BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less
     LessOrEqual Max Mean Min Mod Mul Or PRelu Pow Sub Sum Where Xor
 """.split()
@@ -803,7 +803,7 @@ _REDUCTIONS = """
 
 SHAPE_RULES: dict[str, ShapeRule] = {
     **dict.fromkeys(_SAME_SHAPE, _same_as_first),
-    **dict.fromkeys(_BROADCAST, _broadcast_inputs),
+    **dict.fromkeys(BROADCAST_OPS, _broadcast_inputs),
     **dict.fromkeys(_REDUCTIONS, _reduce),
     **dict.fromkeys(["AveragePool", "LpPool", "MaxPool"], _pool),
     **dict.fromkeys(["GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool"], _global_pool),

@@ -25,7 +25,7 @@ from kiln.ops.dtypes import ELEMENT_TYPES, element_type, to_numpy, to_torch, tor
 from kiln.ops.registry import lookup, normalize_domain
 from kiln.passes.base import GraphPass, PassOutcome
 from kiln.passes.rewrite import KILN_DOMAIN, KILN_OPSET
-from kiln.passes.shapes import FoldShapeArithmetic, InferShapes, constant_tensor
+from kiln.passes.shapes import BROADCAST_OPS, FoldShapeArithmetic, InferShapes, constant_tensor
 
 logger = logging.getLogger("kiln.passes.simplify")
 
@@ -39,6 +39,9 @@ TYPE_ONLY_INPUTS = frozenset({("CastLike", 1)})
 # Folding may not add a constant larger than this (256 KiB of fp32): per-channel vectors and small
 # tables fold, expansions or copies of weights do not.
 MAX_FOLDED_ELEMENTS = 1 << 16
+# A larger result is still computed, up to this size, to find whether it repeats along some axes
+# (a mask built per batch from constants): then the repeated slice is stored, and an Expand.
+MAX_EVALUATED_ELEMENTS = 1 << 24
 MAX_CSE_CONSTANT = 16  # constants up to this size are compared by content when looking for twins
 _HUGE = 2**31 - 1  # Slice bounds at least this large mean "to the end"
 
@@ -114,7 +117,10 @@ class FoldConstants(GraphPass):
     static become constants. A node is left alone when it is random, has subgraphs, or would add a
     constant of more than ``MAX_FOLDED_ELEMENTS`` elements beyond the inputs it frees: folding
     transposes a weight read once, but never expands a scalar into a large tensor or duplicates a
-    weight read elsewhere. Only the inputs of folded nodes are read.
+    weight read elsewhere. A larger result that repeats one slice along some axes is stored as that
+    slice and an Expand, which later folds read as a constant (so a chain of mask arithmetic at a
+    batch size folds whole), and which broadcasting readers absorb (:class:`RemoveNoOps`). Only
+    the inputs of folded nodes are read.
     """
 
     def __call__(self, model: ir.Model) -> PassOutcome:
@@ -150,22 +156,25 @@ class _Folder:
                 return None
             self._replace(graph, node, [ir.tensor(array)])
             return "FoldStaticShape"
-        if not all(v is None or _is_constant(v) or (node.op_type, i) in TYPE_ONLY_INPUTS
-                   for i, v in enumerate(node.inputs)):
+        if not all(v is None or _is_constant(v) or _is_expanded_constant(v)
+                   or (node.op_type, i) in TYPE_ONLY_INPUTS for i, v in enumerate(node.inputs)):
             return None
         try:
             results = self._evaluate(node)
+            stored = self._stored(node, [r for r, _ in results])
         except _CannotFold as reason:
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, reason)
             return None
-        tensors = [ir.tensor(to_numpy(r, onnx_type)) for r, onnx_type in results]
-        self._replace(graph, node, tensors, [r for r, _ in results])
+        tensors = [ir.tensor(to_numpy(r, onnx_type)) for r, (_, onnx_type) in zip(stored, results)]
+        self._replace(graph, node, tensors, stored, [r.shape for r, _ in results])
         return "EvaluateConstantNode"
 
     def _evaluate(self, node: ir.Node) -> list[tuple[torch.Tensor, int]]:
         if node.op_type in NONDETERMINISTIC and node.domain == "":
             raise _CannotFold("not deterministic")
-        self._check_growth(node, [_static_shape(v) for v in node.outputs])
+        shapes = [_static_shape(v) for v in node.outputs]
+        if not self._fits(node, shapes) and max(map(_size, shapes), default=0) > MAX_EVALUATED_ELEMENTS:
+            raise _CannotFold("the result is too large to evaluate")
         domain = normalize_domain(node.domain)
         opset = self.model.opset_imports.get(domain, KILN_OPSET if domain == KILN_DOMAIN else None)
         if opset is None:
@@ -188,23 +197,32 @@ class _Folder:
         results = list(result) if isinstance(result, tuple) else [result]
         if len(results) != len(node.outputs) or not all(isinstance(r, torch.Tensor) for r in results):
             raise _CannotFold("results are not tensors")
-        self._check_growth(node, [list(r.shape) for r in results])
         return [(r, self._output_type(node, value, r)) for r, value in zip(results, node.outputs)]
 
-    def _check_growth(self, node: ir.Node, output_shapes: list[list[int] | None]) -> None:
-        """Refuse a fold that stores much more than the constants it frees."""
+    def _stored(self, node: ir.Node, results: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What to keep of the results: themselves, or the slices they repeat when that is small."""
+        if self._fits(node, [list(r.shape) for r in results]):
+            return results
+        if node.op_type == "Expand" and node.domain == "":
+            raise _CannotFold("an expansion stays one")
+        compact = [_repeated_slice(r) for r in results]
+        if not self._fits(node, [list(r.shape) for r in compact]):
+            raise _CannotFold("the result is larger than the constants it replaces")
+        return compact
+
+    def _fits(self, node: ir.Node, output_shapes: list[list[int] | None]) -> bool:
+        """Whether storing results of these shapes adds little beyond the constants they free."""
         if None in output_shapes:
-            return
-        sizes = [math.prod(shape) for shape in output_shapes]
+            return True  # unknown until evaluated; checked again on the results
+        sizes = [_size(shape) for shape in output_shapes]
         if max(sizes, default=0) <= MAX_FOLDED_ELEMENTS:
-            return
+            return True
         freed = sum(
             v.const_value.size for v in set(node.inputs)
             if _is_constant(v) and all(user is node for user, _ in v.uses())
             and not v.is_graph_output()
         )
-        if sum(sizes) > freed:
-            raise _CannotFold("the result is larger than the constants it replaces")
+        return sum(sizes) <= freed
 
     def _torch(self, node: ir.Node, index: int) -> Any:
         value = node.inputs[index]
@@ -217,7 +235,12 @@ class _Folder:
                 raise _CannotFold("input type unknown")
             return torch.empty(0, dtype=torch_dtype(value.dtype.value))
         if value not in self.computed:
-            self.computed[value] = _read_only_torch(value.const_value.numpy())
+            if _is_constant(value):
+                self.computed[value] = _read_only_torch(value.const_value.numpy())
+            else:  # an expanded constant: a view, so the expansion costs no memory
+                expand = value.producer()
+                base, shape = (self._torch(expand, i) for i in range(2))
+                self.computed[value] = base.expand(torch.broadcast_shapes(base.shape, tuple(shape.tolist())))
         return self.computed[value]
 
     @staticmethod
@@ -237,21 +260,74 @@ class _Folder:
         return value.dtype.value
 
     def _replace(self, graph: ir.Graph, node: ir.Node, tensors: list[ir.TensorProtocol],
-                 results: list[Any] | None = None) -> None:
-        """Swap the node for initializers named after its outputs."""
+                 results: list[torch.Tensor] | None = None,
+                 shapes: list[torch.Size] | None = None) -> None:
+        """Swap the node for initializers named after its outputs; a stored slice smaller than its
+        output's shape (``shapes``) is expanded back to it by an Expand node."""
         for i, (value, tensor) in enumerate(zip(node.outputs, tensors)):
             if not value.uses():
                 continue
             name = value.name or f"{node.name or node.op_type}_{i}"
-            value.name = None  # the initializer takes the name
-            folded = _register_initializer(graph, name, tensor)
-            if results is not None:
-                self.computed[folded] = results[i]
+            value.name = None  # the initializer (or the Expand) takes the name
+            if shapes is None or tuple(tensor.shape) == tuple(shapes[i]):
+                folded = _register_initializer(graph, name, tensor)
+                if results is not None:
+                    self.computed[folded] = results[i]
+            else:
+                folded = self._expanded(graph, node, name, tensor, shapes[i])
+                self.computed[folded] = results[i].expand(shapes[i])
             ir.convenience.replace_all_uses_with(value, folded)
         inputs = set(node.inputs)
         graph.remove(node, safe=True)
         for value in inputs:
             _drop_if_unused(value)
+
+    def _expanded(self, graph: ir.Graph, before: ir.Node, name: str, tensor: ir.TensorProtocol,
+                  shape: torch.Size) -> ir.Value:
+        base = _register_initializer(graph, f"{name}_repeated", tensor)
+        target = _register_initializer(graph, f"{name}_shape", ir.tensor(np.array(shape, np.int64)))
+        expand = ir.Node("", "Expand", [base, target], name=f"{name}_expand", num_outputs=1)
+        output = expand.outputs[0]
+        output.name, output.dtype, output.shape = name, tensor.dtype, ir.Shape(list(shape))
+        graph.insert_before(before, expand)
+        return output
+
+
+def _size(shape: list[int] | None) -> int:
+    return 0 if shape is None else math.prod(shape)
+
+
+def _is_expanded_constant(value: ir.Value) -> bool:
+    """The output of an Expand of a constant to a constant shape (as folding writes them)."""
+    producer = value.producer()
+    return (producer is not None and producer.op_type == "Expand" and producer.domain == ""
+            and all(_is_constant(v) for v in producer.inputs))
+
+
+def _repeated_slice(result: torch.Tensor) -> torch.Tensor:
+    """The smallest tensor that broadcasts to ``result``: each axis along which it repeats one
+    slice (bit for bit, so NaNs and signed zeros count) is cut to that slice."""
+    bits = _bits(result)
+    if bits is None:
+        return result
+    for axis in range(result.dim()):
+        if result.shape[axis] > 1:
+            first = bits.narrow(axis, 0, 1)
+            if torch.equal(bits, first.expand_as(bits)):
+                bits, result = first, result.narrow(axis, 0, 1)
+    return result.contiguous()
+
+
+_SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor's bytes as integers of its width, to compare exactly; None for complex."""
+    if tensor.is_complex():
+        return None
+    if tensor.dtype == torch.bool:
+        return tensor
+    return tensor.contiguous().view(_SAME_WIDTH_INTEGER[tensor.element_size()])
 
 
 def _drop_if_unused(value: ir.Value | None) -> None:
@@ -351,6 +427,8 @@ class RemoveNoOps(GraphPass):
                     continue
                 if node.op_type == "Transpose" and _compose_transposes(node):
                     changes["ComposeTransposes"] += 1
+                if node.op_type == "Expand" and (absorbed := _absorb_expand(node)):
+                    changes["AbsorbExpandIntoBroadcast"] += absorbed
                 rule = NO_OP_RULES.get(node.op_type)
                 if rule is None:
                     continue
@@ -428,6 +506,27 @@ def _expand_to_same_shape(node: ir.Node) -> ir.Value | None:
         return None
     dims = list(data.shape)[len(data.shape) - len(target):]
     return data if all(t == 1 or t == d for t, d in zip(target.tolist(), dims)) else None
+
+
+def _absorb_expand(node: ir.Node) -> int:
+    """Let each broadcasting reader whose output keeps its shape without the Expand read the
+    Expand's input instead (it broadcasts there anyway); returns how many readers did."""
+    absorbed = 0
+    for reader, index in list(node.outputs[0].uses()):
+        if reader.domain != "" or reader.op_type not in BROADCAST_OPS:
+            continue
+        output = _static_shape(reader.outputs[0])
+        shapes = [_static_shape(node.inputs[0] if i == index else v) for i, v in enumerate(reader.inputs)]
+        if output is None or None in shapes:
+            continue
+        try:
+            unchanged = list(torch.broadcast_shapes(*map(tuple, shapes))) == output
+        except RuntimeError:
+            continue
+        if unchanged:
+            reader.replace_input_with(index, node.inputs[0])
+            absorbed += 1
+    return absorbed
 
 
 def _perm(node: ir.Node) -> list[int] | None:
