@@ -53,6 +53,8 @@ def test_query_key_value_projections_become_one_product(biases):
     model, changes = _merged(original)
     assert changes == {"MergedProducts": 3}
     assert ops(model)[:2] == ["kiln::FusedMatMul", "Split"] and ops(model).count("kiln::FusedMatMul") == 1
+    # The product keeps a shape: its readers' specs are timed at the tuner's concrete shapes.
+    assert list(model.graph.node(0).outputs[0].shape) == ["batch", "seq", 40]
     assert_matches_ort(model, original, SIZES)
 
 

@@ -103,6 +103,9 @@ def _merge(graph: ir.Graph, siblings: list[ir.Node]) -> None:
     product = merged.outputs[0]
     product.name = f"{first.outputs[0].name}_merged"
     product.type = first.outputs[0].type
+    part_shape = first.outputs[0].shape
+    if part_shape is not None and len(part_shape) > 0:  # the parts' dims, the widths summed
+        product.shape = ir.Shape([*list(part_shape)[:-1], sum(widths)])
     sources, source_ops = sources_of(siblings)
     merged.metadata_props[SOURCES_KEY] = json.dumps(sources)
     merged.metadata_props[SOURCE_OPS_KEY] = json.dumps(source_ops)
