@@ -103,3 +103,28 @@ def test_attention_backends(backend, causal):
     except RuntimeError as error:  # a back end this GPU or build lacks: tuning times it as inf
         pytest.skip(f"{backend}: {str(error).splitlines()[0]}")
     _close(got, expected, torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["efficient", "cudnn"])
+@pytest.mark.parametrize("layout", ["bsd", "bsd_packed", "bhsd"])
+@pytest.mark.parametrize("masked_rows", ["nan", "zero"])
+def test_attention_with_a_padding_mask_pins_hidden_rows(backend, layout, masked_rows):
+    torch.manual_seed(0)
+    batch, seq, heads, dim = 4, 64, 12, 64
+    mask = torch.zeros(batch, 1, 1, seq, device="cuda", dtype=torch.float16)
+    mask[1, ..., 40:] = -torch.inf   # item 1: padding at the end
+    mask[2] = -torch.inf             # item 2: every key hidden, so every row is pinned
+    if layout == "bhsd":
+        inputs = [torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.float16) for _ in range(3)]
+    elif layout == "bsd_packed":
+        inputs = [torch.randn(batch, seq, 3 * heads * dim, device="cuda", dtype=torch.float16), None, None]
+    else:
+        inputs = [torch.randn(batch, seq, heads * dim, device="cuda", dtype=torch.float16) for _ in range(3)]
+    attributes = {"num_heads": heads, "layout": layout, "mask_kind": "additive", "masked_rows": masked_rows}
+    try:
+        got, expected = _run(f"sdpa-{backend}", "Attention", "kiln", [*inputs, mask], attributes)
+    except RuntimeError as error:
+        pytest.skip(f"{backend}: {str(error).splitlines()[0]}")
+    hidden = got[2]
+    assert (hidden.isnan().all() if masked_rows == "nan" else (hidden == 0).all())
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2, equal_nan=True)

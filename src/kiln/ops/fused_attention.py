@@ -40,8 +40,9 @@ def _unpack_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]
     return packed.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) -> (B, S, H*D)."""
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, S, H*D): a view when SDPA wrote its output heads-last, as it does for
+    heads split from (B, S, H*D)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
@@ -80,6 +81,25 @@ def _hides_every_key(mask: torch.Tensor) -> torch.Tensor:
 @register("Attention", domain=KILN)
 def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0,
               causal_fill=-math.inf, mask_kind="none", layout="bsd", masked_rows="nan"):
+    y, mask = attend(q, k, v, mask, num_heads=num_heads, scale=scale, causal=causal,
+                     causal_fill=causal_fill, mask_kind=mask_kind, layout=layout)
+    if mask is None:
+        return y if layout == "bhsd" else merge_heads(y)
+    # SDPA's answer for rows that hide every key differs between backends; pin it to the graph's.
+    hides = _hides_every_key(mask)
+    fill = masked_rows_fill(masked_rows)
+    if layout == "bhsd":
+        return y.masked_fill_(hides, fill)  # y is SDPA's fresh output: filled in place
+    return _merge_heads_filling(y, hides, fill)
+
+
+def attend(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0,
+           causal_fill=-math.inf, mask_kind="none", layout="bsd"):
+    """SDPA's output, (batch, heads, seq, head_dim), and the mask it was given (None without one).
+
+    Rows the mask hides entirely are left as SDPA's back end computed them: the caller fills them
+    (with :func:`masked_rows_fill`), then merges the heads where the layout wants it
+    (:func:`merge_heads`)."""
     if layout == "bsd_packed":
         q, k, v = _unpack_heads(q, num_heads)
     elif layout == "bsd":
@@ -98,18 +118,16 @@ def attention(q, k=None, v=None, mask=None, *, num_heads=0, scale=None, causal=0
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=bool(causal) and mask is None, scale=scale
     )
-    if mask is None:
-        return y if layout == "bhsd" else _merge_heads(y)
-    # SDPA's answer for rows that hide every key differs between backends; pin it to the graph's.
-    fill = math.nan if masked_rows == "nan" else 0.0
-    hides = _hides_every_key(mask)
-    if layout == "bhsd":
-        return y.masked_fill_(hides, fill)  # y is SDPA's fresh output: filled in place
-    return _merge_heads_filling(y, hides, fill)
+    return y, mask
+
+
+def masked_rows_fill(masked_rows: str) -> float:
+    """What a query row whose mask hides every key outputs (the ``masked_rows`` attribute)."""
+    return math.nan if masked_rows == "nan" else 0.0
 
 
 def _merge_heads_filling(y: torch.Tensor, hides: torch.Tensor, fill: float) -> torch.Tensor:
-    """``_merge_heads(y.masked_fill(hides, fill))`` in one pass over ``y``: the fill is written
+    """``merge_heads(y.masked_fill(hides, fill))`` in one pass over ``y``: the fill is written
     straight into the merged layout (masked_fill, then the merge's copy, read and write y twice)."""
     hides = hides.reshape((1,) * (4 - hides.dim()) + tuple(hides.shape)).transpose(1, 2)
     heads_last = y.transpose(1, 2)  # [B, S, H, D]
