@@ -13,6 +13,7 @@ from kiln.kernels.cublas_gemm import CublasLtGemmChoice
 from kiln.kernels.cudnn_conv import CudnnConvChoice, CudnnFusedConvChoice
 from kiln.kernels.fp8_gemm import CublasLtFp8GemmChoice
 from kiln.kernels.int8_gemm import CublasLtInt8Conv1x1Choice, CublasLtInt8GemmChoice
+from kiln.kernels.patch_gemm import PatchGemmChoice
 from kiln.kernels.sdpa import SDPA_CHOICES
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
 from kiln.kernels.triton_norm import TritonLayerNormChoice, TritonRMSNormChoice
@@ -26,6 +27,7 @@ FALLBACK = OpsChoice()
 CHOICES: list[Choice] = [
     CudnnConvChoice(),
     CudnnFusedConvChoice(),
+    PatchGemmChoice(),
     CublasLtGemmChoice(),
     TritonQuantizedMatMulChoice(),
     TritonQuantizedConvChoice(),
