@@ -107,6 +107,20 @@ CORPUS = {
     "GET on infer": ("GET", INFER, None, 405),
     "unknown route": ("GET", "/v3/health", None, 404),
     "body over the size limit": ("POST", INFER, b"{" + b" " * (1 << 20) + b"}", 413),
+    "unregistered shared memory region": ("POST", INFER, {"inputs": [{**NO_DATA, "parameters": {
+        "shared_memory_region": "nope", "shared_memory_byte_size": 16}}]}, 400),
+    "shared memory without byte size": ("POST", INFER, {"inputs": [{**NO_DATA, "parameters": {
+        "shared_memory_region": "nope"}}]}, 400),
+    "shared memory offset alone": ("POST", INFER, {"inputs": [{**NO_DATA, "parameters": {
+        "shared_memory_offset": 0}}]}, 400),
+    "output into unregistered region": ("POST", INFER, {**with_x(), "outputs": [{"name": "y", "parameters": {
+        "shared_memory_region": "nope", "shared_memory_byte_size": 16}}]}, 400),
+    "register a missing object": (
+        "POST", "/v2/systemsharedmemory/region/r/register", {"key": "/kiln-none", "byte_size": 8}, 400),
+    "register a key with a path": (
+        "POST", "/v2/systemsharedmemory/region/r/register", {"key": "/../../etc/passwd", "byte_size": 8}, 400),
+    "register without key": ("POST", "/v2/systemsharedmemory/region/r/register", {"byte_size": 8}, 400),
+    "status of unknown region": ("GET", "/v2/systemsharedmemory/region/nope/status", None, 404),
 }
 
 

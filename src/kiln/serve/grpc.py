@@ -1,8 +1,9 @@
 """KServe v2 over gRPC: ``inference.GRPCInferenceService`` with the messages Triton's client
 ships (``tritonclient.grpc.service_pb2``), served by grpc.aio on the server's event loop.
 
-Inputs come as ``raw_input_contents`` (one little-endian buffer per input) or typed
-``contents``; outputs always go back as ``raw_output_contents``. Errors map to status codes:
+Inputs come as ``raw_input_contents`` (one little-endian buffer per input not in shared
+memory), typed ``contents``, or from a registered system shared memory region; outputs go back
+as ``raw_output_contents``, or into the region a requested output names. Errors map to status codes:
 INVALID_ARGUMENT and NOT_FOUND for the client's mistakes, UNAVAILABLE when the server cannot
 take the request now, INTERNAL (details only in the log) for the server's own faults.
 """
@@ -22,9 +23,10 @@ from tritonclient.grpc import service_pb2_grpc
 
 from kiln.serve.protocol import (
     InferenceRequest, InternalError, InvalidRequest, RequestError,
-    datatype_of, from_bytes, from_list, numpy_dtype, parse_shape, to_bytes,
+    datatype_of, from_bytes, from_list, numpy_dtype, parse_shape, shared_memory_ref, to_bytes,
 )
 from kiln.serve.service import InferenceService
+from kiln.serve.shared_memory import SharedMemoryRegions
 
 log = logging.getLogger("kiln.serve.grpc")
 
@@ -92,14 +94,47 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        response = await self.service.infer(parse_infer_request(request))
+        response = await self.service.infer(parse_infer_request(request, self.service.shared_memory))
         reply = pb.ModelInferResponse(
             model_name=response.model, model_version=response.version, id=response.id
         )
         for name, array in response.outputs.items():
-            reply.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-            reply.raw_output_contents.append(to_bytes(array))
+            tensor = reply.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+            ref = response.shared_memory.get(name)
+            if ref is None:
+                reply.raw_output_contents.append(to_bytes(array))
+                continue
+            tensor.parameters["shared_memory_region"].string_param = ref.region
+            tensor.parameters["shared_memory_byte_size"].int64_param = ref.byte_size
+            if ref.offset:
+                tensor.parameters["shared_memory_offset"].int64_param = ref.offset
+            reply.raw_output_contents.append(b"")  # keeps raw_output_contents aligned with outputs
         return reply
+
+    @_rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self.service.shared_memory.status(request.name):
+            reply.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return reply
+
+    @_rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.service.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @_rpc
     async def RepositoryIndex(
@@ -125,32 +160,52 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def parse_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs")
+def parse_infer_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryRegions) -> InferenceRequest:
     if not message.inputs:
         raise InvalidRequest("the request has no inputs")
-    inputs = {}
-    for index, tensor in enumerate(message.inputs):
+    refs = {t.name: shared_memory_ref(t.name, _parameters(t.parameters)) for t in message.inputs}
+    raw = message.raw_input_contents
+    carried = sum(ref is None for ref in refs.values())  # inputs not in shared memory
+    if raw and len(raw) != carried:
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {carried} inputs not in shared memory")
+    inputs, raw_index = {}, 0
+    for tensor in message.inputs:
         name = tensor.name
         if name in inputs:
             raise InvalidRequest(f"input {name!r} is given twice")
         shape = parse_shape(name, list(tensor.shape))
         numpy_dtype(name, tensor.datatype)
-        if raw:
+        if refs[name] is not None:
+            if tensor.HasField("contents"):
+                raise InvalidRequest(f"input {name!r} has both contents and a shared memory region")
+            data = shared_memory.read(name, refs[name])
+            inputs[name] = from_bytes(name, tensor.datatype, shape, data, copy=False)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidRequest(f"input {name!r} has both contents and raw_input_contents")
-            inputs[name] = from_bytes(name, tensor.datatype, shape, raw[index])
+            inputs[name] = from_bytes(name, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             inputs[name] = _from_contents(name, tensor.datatype, shape, tensor.contents)
     timeout = message.parameters["timeout"].int64_param if "timeout" in message.parameters else None
     if timeout is not None and timeout < 0:
         raise InvalidRequest("parameter 'timeout' must be a non-negative number of microseconds")
-    return InferenceRequest(
+    request = InferenceRequest(
         message.model_name, message.model_version, inputs,
         outputs=[output.name for output in message.outputs], id=message.id, timeout_us=timeout,
     )
+    for output in message.outputs:
+        ref = shared_memory_ref(output.name, _parameters(output.parameters))
+        if ref is not None:
+            shared_memory.locate(output.name, ref)
+            request.shared_memory_outputs[output.name] = ref
+    return request
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A map of InferParameter messages as plain values."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in parameters.items()}
 
 
 def _from_contents(

@@ -1,5 +1,5 @@
-"""KServe v2 over HTTP/REST (aiohttp), with Triton's binary tensor data and model repository
-extensions, and the Prometheus endpoint on a port of its own.
+"""KServe v2 over HTTP/REST (aiohttp), with Triton's binary tensor data, model repository and
+system shared memory extensions, and the Prometheus endpoint on a port of its own.
 
 Binary tensor data: the body is a JSON header of ``Inference-Header-Content-Length`` bytes
 followed by the raw tensors, each input saying its size in ``parameters.binary_data_size``; an
@@ -23,9 +23,11 @@ from google.protobuf import json_format
 from kiln.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kiln.serve.protocol import (
     InferenceRequest, InferenceResponse, InternalError, InvalidRequest, RequestError,
-    datatype_of, from_bytes, from_list, numpy_dtype, parse_shape, to_bytes, to_list,
+    datatype_of, from_bytes, from_list, numpy_dtype, parse_shape, shared_memory_ref, to_bytes,
+    to_list,
 )
 from kiln.serve.service import InferenceService
+from kiln.serve.shared_memory import SharedMemoryRegions
 
 log = logging.getLogger("kiln.serve.http")
 
@@ -47,6 +49,11 @@ def inference_app(service: InferenceService, max_request_bytes: int) -> web.Appl
         web.post("/v2/repository/index", _index),
         web.post("/v2/repository/models/{model}/load", _load),
         web.post("/v2/repository/models/{model}/unload", _unload),
+        web.get("/v2/systemsharedmemory/status", _shared_memory_status),
+        web.get("/v2/systemsharedmemory/region/{region}/status", _shared_memory_status),
+        web.post("/v2/systemsharedmemory/region/{region}/register", _shared_memory_register),
+        web.post("/v2/systemsharedmemory/unregister", _shared_memory_unregister),
+        web.post("/v2/systemsharedmemory/region/{region}/unregister", _shared_memory_unregister),
     ])
     for prefix in (model, version):
         app.add_routes([
@@ -146,11 +153,34 @@ async def _unload(request: web.Request) -> web.Response:
     return web.Response()
 
 
+async def _shared_memory_status(request: web.Request) -> web.Response:
+    regions = _service(request).shared_memory.status(request.match_info.get("region", ""))
+    return web.json_response(regions)
+
+
+async def _shared_memory_register(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    key = body.get("key")
+    if not isinstance(key, str):
+        raise InvalidRequest("'key' must name a shared memory object")
+    region = request.match_info["region"]
+    _service(request).shared_memory.register(region, key, body.get("offset", 0), body.get("byte_size"))
+    return web.Response()
+
+
+async def _shared_memory_unregister(request: web.Request) -> web.Response:
+    await _json_body(request, required=False)
+    _service(request).shared_memory.unregister(request.match_info.get("region", ""))
+    return web.Response()
+
+
 async def _infer(request: web.Request) -> web.Response:
     name, version = _model_route(request)
     body = await request.read()
     header, binary = _split_body(request, body)
-    infer_request = parse_infer_request(name, version, _parse_json(header), binary)
+    infer_request = parse_infer_request(
+        name, version, _parse_json(header), binary, _service(request).shared_memory
+    )
     response = _infer_response(await _service(request).infer(infer_request), infer_request)
     # gzip or deflate as the client accepts (the header length counts the JSON before
     # compression, as tritonclient expects); small bodies would gain less than they cost
@@ -190,8 +220,11 @@ def _split_body(request: web.Request, body: bytes) -> tuple[memoryview, memoryvi
     return view[:int(length)], view[int(length):]
 
 
-def parse_infer_request(model: str, version: str, payload: Any, binary: memoryview) -> InferenceRequest:
-    """An inference request from its JSON header and the binary data after it."""
+def parse_infer_request(
+    model: str, version: str, payload: Any, binary: memoryview, shared_memory: SharedMemoryRegions
+) -> InferenceRequest:
+    """An inference request from its JSON header and the binary data after it (or the shared
+    memory regions its tensors name)."""
     if not isinstance(payload, dict):
         raise InvalidRequest("the inference request must be a JSON object")
     request_id = payload.get("id", "")
@@ -215,7 +248,14 @@ def parse_infer_request(model: str, version: str, payload: Any, binary: memoryvi
         shape = parse_shape(name, entry.get("shape"))
         datatype = entry.get("datatype")
         numpy_dtype(name, datatype)
-        size = _parameters(entry, f"input {name!r}").get("binary_data_size")
+        input_parameters = _parameters(entry, f"input {name!r}")
+        size = input_parameters.get("binary_data_size")
+        ref = shared_memory_ref(name, input_parameters)
+        if ref is not None:
+            if "data" in entry or size is not None:
+                raise InvalidRequest(f"input {name!r} has both data and a shared memory region")
+            inputs[name] = from_bytes(name, datatype, shape, shared_memory.read(name, ref), copy=False)
+            continue
         if size is None:
             if "data" not in entry:
                 raise InvalidRequest(f"input {name!r} has neither 'data' nor a 'binary_data_size'")
@@ -247,7 +287,11 @@ def parse_infer_request(model: str, version: str, payload: Any, binary: memoryvi
         if "classification" in output_parameters:
             raise InvalidRequest("kiln serve does not implement the classification extension")
         request.outputs.append(name)
-        if "binary_data" in output_parameters:
+        ref = shared_memory_ref(name, output_parameters)
+        if ref is not None:
+            shared_memory.locate(name, ref)
+            request.shared_memory_outputs[name] = ref
+        elif "binary_data" in output_parameters:
             request.binary_outputs[name] = _flag(output_parameters, "binary_data", f"output {name!r}")
     return request
 
@@ -272,7 +316,13 @@ def _infer_response(response: InferenceResponse, request: InferenceRequest) -> w
         entry: dict[str, Any] = {
             "name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)
         }
-        if request.binary_outputs.get(name, request.binary_output_default):
+        ref = response.shared_memory.get(name)
+        if ref is not None:
+            entry["parameters"] = {
+                "shared_memory_region": ref.region, "shared_memory_byte_size": ref.byte_size,
+                **({"shared_memory_offset": ref.offset} if ref.offset else {}),
+            }
+        elif request.binary_outputs.get(name, request.binary_output_default):
             chunk = to_bytes(array)
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)

@@ -82,6 +82,36 @@ def datatype_of(numpy_dtype: np.dtype | str | None) -> str:
     return _DATATYPE_OF_NUMPY[dtype]
 
 
+@dataclass(frozen=True)
+class SharedMemoryRef:
+    """Where a tensor lies in a registered shared memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def shared_memory_ref(tensor: str, parameters: dict[str, Any]) -> SharedMemoryRef | None:
+    """The shared memory a tensor's parameters point at, or None when they point at none."""
+    if "shared_memory_region" not in parameters:
+        for key in ("shared_memory_byte_size", "shared_memory_offset"):
+            if key in parameters:
+                raise InvalidRequest(f"tensor {tensor!r}: {key!r} needs 'shared_memory_region'")
+        return None
+    region = parameters["shared_memory_region"]
+    if not isinstance(region, str) or not region:
+        raise InvalidRequest(f"tensor {tensor!r}: 'shared_memory_region' must be a region name")
+    values = {}
+    for key, required in (("shared_memory_byte_size", True), ("shared_memory_offset", False)):
+        value = parameters.get(key, None if required else 0)
+        if value is None:
+            raise InvalidRequest(f"tensor {tensor!r}: 'shared_memory_region' needs {key!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"tensor {tensor!r}: {key!r} must be a non-negative integer")
+        values[key] = value
+    return SharedMemoryRef(region, values["shared_memory_byte_size"], values["shared_memory_offset"])
+
+
 @dataclass
 class InferenceRequest:
     """A decoded request: input arrays by name, and which outputs to send back and how."""
@@ -95,6 +125,7 @@ class InferenceRequest:
     binary_output_default: bool = False
     id: str = ""
     timeout_us: int | None = None
+    shared_memory_outputs: dict[str, SharedMemoryRef] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +134,8 @@ class InferenceResponse:
     version: str
     id: str
     outputs: dict[str, np.ndarray]
+    # outputs written into shared memory (their arrays still say datatype and shape)
+    shared_memory: dict[str, SharedMemoryRef] = field(default_factory=dict)
 
 
 def parse_shape(tensor: str, shape: Any) -> tuple[int, ...]:
@@ -128,8 +161,13 @@ def numpy_dtype(tensor: str, datatype: Any) -> np.dtype:
     return DATATYPES[datatype]
 
 
-def from_bytes(tensor: str, datatype: str, shape: tuple[int, ...], data: bytes | memoryview) -> np.ndarray:
-    """A tensor from its raw little-endian bytes (BYTES: each element length-prefixed)."""
+def from_bytes(
+    tensor: str, datatype: str, shape: tuple[int, ...], data: bytes | memoryview, copy: bool = True
+) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (BYTES: each element length-prefixed).
+
+    ``copy=False`` returns a view of ``data`` (shared memory: the client keeps it unchanged until
+    the response); a copy otherwise, so that a request's message is not held while it queues."""
     dtype = numpy_dtype(tensor, datatype)
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -142,8 +180,8 @@ def from_bytes(tensor: str, datatype: str, shape: tuple[int, ...], data: bytes |
             f"tensor {tensor!r}: {len(data)} bytes of data, but {datatype} of shape {list(shape)} "
             f"takes {expected}"
         )
-    # A copy: the batcher may concatenate it, and the request buffer should not stay pinned.
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    return (array.astype(dtype) if copy or array.dtype != dtype else array).reshape(shape)
 
 
 def from_list(tensor: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:

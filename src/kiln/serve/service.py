@@ -19,14 +19,16 @@ from kiln.errors import KilnError
 from kiln.serve.metrics import Metrics
 from kiln.serve.model import PLATFORM, ModelVersion
 from kiln.serve.protocol import (
-    InferenceRequest, InferenceResponse, InvalidRequest, NotFound, RequestError, Unavailable,
+    InferenceRequest, InferenceResponse, InvalidRequest, NotFound, RequestError, SharedMemoryRef,
+    Unavailable,
 )
 from kiln.serve.repository import ModelRepository, select_versions
+from kiln.serve.shared_memory import SharedMemoryRegions
 
 log = logging.getLogger("kiln.serve.service")
 
 SERVER_NAME = "kiln"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "system_shared_memory"]
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 
 
@@ -51,6 +53,7 @@ class InferenceService:
     def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
         self.repository = repository
         self.metrics = metrics
+        self.shared_memory = SharedMemoryRegions()
         self.accepting = True
         self._models: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -137,9 +140,17 @@ class InferenceService:
             if not self._in_flight:
                 self._idle.set()
         names = request.outputs or list(served.outputs)
+        written = {}
+        try:
+            for name, ref in request.shared_memory_outputs.items():
+                size = self.shared_memory.write(name, ref, outputs[name])
+                written[name] = SharedMemoryRef(ref.region, size, ref.offset)
+        except RequestError:
+            served.metrics.request_done(False, time.perf_counter() - started)
+            raise
         served.metrics.request_done(True, time.perf_counter() - started)
         return InferenceResponse(
-            request.model, str(served.version), request.id, {n: outputs[n] for n in names}
+            request.model, str(served.version), request.id, {n: outputs[n] for n in names}, written
         )
 
     async def drain(self, timeout_s: float) -> bool:
