@@ -1,13 +1,14 @@
-"""``kiln serve`` on the GPU against ``kiln bench``: ResNet-50 FP16, many clients, one image each.
+"""``kiln serve`` on the GPU against ``kiln bench``: ResNet-50 FP16, many concurrent clients.
 
-    python benchmarks/serve_gpu.py                       # concurrency 64, 30 s
-    python benchmarks/serve_gpu.py --concurrency 64 --duration 60 --instances 2
+    python benchmarks/serve_gpu.py                       # concurrency 64, 30 s, one image a request
+    python benchmarks/serve_gpu.py --shared-memory system --request-batch 8
 
 It exports torchvision's ResNet-50 (random weights) with a symbolic batch, builds an FP16 engine
-for batches 1 to 64 on cuda, writes a repository with ``max_batch_size: 64``, dynamic batching and
-``--instances`` GPU instances, starts ``kiln serve`` and drives it over gRPC (``tritonclient``'s
-asyncio client, binary tensors) from several client processes, so that the clients are not what
-limits the rate. The server's ``nv_inference_count / nv_inference_exec_count`` is the batch size
+for batches 1 to 64 on cuda, writes a repository with ``max_batch_size: 64``, dynamic batching,
+``--instances`` GPU instances and a ``model_warmup`` sample of every batch size, starts
+``kiln serve`` and drives it over gRPC (``tritonclient``'s asyncio client) from several client
+processes. Each request carries ``--request-batch`` images, as raw tensor bytes or (with
+``--shared-memory system``) in a system shared memory region of the client's. The server's ``nv_inference_count / nv_inference_exec_count`` is the batch size
 the dynamic batcher formed on average; ``kiln bench`` then times the same engine at that batch
 size (and at 64) with as many streams as instances, NumPy in and NumPy out as the server runs it.
 The figure of merit is the served images/s over ``kiln bench``'s images/s at the matching batch.
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,10 @@ input [ {{ name: "input" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] }} ]
 output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ 1000 ] }} ]
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+"""
+# every batch size the batcher may form is captured as a CUDA graph before the server is ready
+WARMUP = """model_warmup [ {{ name: "b{batch}" batch_size: {batch} inputs {{ key: "input" value: {{
+  data_type: TYPE_FP32 dims: [ 3, 224, 224 ] random_data: true }} }} }} ]
 """
 
 
@@ -74,29 +80,48 @@ def write_repository(root: Path, engine_path: Path, args: argparse.Namespace) ->
     repository = root / "repository"
     (repository / "resnet50" / "1").mkdir(parents=True)
     shutil.copy(engine_path, repository / "resnet50" / "1" / "model.kiln")
+    warmup = "".join(WARMUP.format(batch=b) for b in range(1, MAX_BATCH + 1)) if args.model_warmup else ""
     (repository / "resnet50" / "config.pbtxt").write_text(CONFIG.format(
         max_batch=MAX_BATCH, instances=args.instances, delay_us=args.queue_delay_us,
         kind="KIND_GPU" if args.device == "cuda" else "KIND_CPU",
-    ))
+    ) + warmup)
     return repository
 
 
-async def _clients(url: str, clients: int, start_at: float, stop_at: float) -> tuple[list[float], list[str]]:
+async def _clients(
+    url: str, clients: int, start_at: float, stop_at: float, shared_memory: bool, images: int
+) -> tuple[list[float], list[str]]:
     import tritonclient.grpc.aio as grpcclient
+    import tritonclient.utils.shared_memory as shm
 
-    image = np.random.default_rng(0).standard_normal((1, *IMAGE)).astype(np.float32)
+    image = np.random.default_rng(0).standard_normal((images, *IMAGE)).astype(np.float32)
+    scores_size = images * 1000 * 4
     client = grpcclient.InferenceServerClient(url)
     latencies: list[float] = []
     errors: list[str] = []
+    regions = []
 
     async def one_client() -> None:
         tensor = grpcclient.InferInput("input", list(image.shape), "FP32")
-        tensor.set_data_from_numpy(image)
+        outputs = None
+        if shared_memory:  # the image in a region of this client's own, the scores in another
+            tag = uuid.uuid4().hex
+            region = shm.create_shared_memory_region(f"in-{tag}", f"/kiln-bench-in-{tag}", image.nbytes)
+            scores = shm.create_shared_memory_region(f"out-{tag}", f"/kiln-bench-out-{tag}", scores_size)
+            regions.extend([region, scores])
+            shm.set_shared_memory_region(region, [image])
+            await client.register_system_shared_memory(f"in-{tag}", f"/kiln-bench-in-{tag}", image.nbytes)
+            await client.register_system_shared_memory(f"out-{tag}", f"/kiln-bench-out-{tag}", scores_size)
+            tensor.set_shared_memory(f"in-{tag}", image.nbytes)
+            outputs = [grpcclient.InferRequestedOutput("logits")]
+            outputs[0].set_shared_memory(f"out-{tag}", scores_size)
+        else:
+            tensor.set_data_from_numpy(image)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         while time.time() < stop_at:
             started = time.perf_counter()
             try:
-                await client.infer("resnet50", [tensor])
+                await client.infer("resnet50", [tensor], outputs=outputs)
             except Exception as error:  # counted and reported: the run must see none
                 errors.append(repr(error))
                 continue
@@ -105,15 +130,23 @@ async def _clients(url: str, clients: int, start_at: float, stop_at: float) -> t
     try:
         await asyncio.gather(*(one_client() for _ in range(clients)))
     finally:
+        for region in regions:
+            await client.unregister_system_shared_memory(region._triton_shm_name)
+            shm.destroy_shared_memory_region(region)
         await client.close()
     return latencies, errors
 
 
-def _client_process(url: str, clients: int, start_at: float, stop_at: float, results) -> None:
-    results.put(asyncio.run(_clients(url, clients, start_at, stop_at)))
+def _client_process(
+    url: str, clients: int, start_at: float, stop_at: float, shared_memory: bool, images: int, results
+) -> None:
+    results.put(asyncio.run(_clients(url, clients, start_at, stop_at, shared_memory, images)))
 
 
-def drive(url: str, concurrency: int, processes: int, duration_s: float) -> dict:
+def drive(
+    url: str, concurrency: int, processes: int, duration_s: float, shared_memory: bool = False,
+    images: int = 1,
+) -> dict:
     """``concurrency`` clients spread over ``processes`` processes, one request after another, all
     starting together once every process has started (wall-clock times, shared by processes)."""
     context = multiprocessing.get_context("spawn")
@@ -122,7 +155,8 @@ def drive(url: str, concurrency: int, processes: int, duration_s: float) -> dict
     start_at = time.time() + PROCESS_START_S
     workers = [
         context.Process(
-            target=_client_process, args=(url, share, start_at, start_at + duration_s, results)
+            target=_client_process,
+            args=(url, share, start_at, start_at + duration_s, shared_memory, images, results),
         )
         for share in shares if share
     ]
@@ -157,7 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=2, help="GPU instances (2)")
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="batcher delay (2000)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check (cuda)")
+    parser.add_argument(
+        "--request-batch", type=int, default=1, help=f"images per request, 1 to {MAX_BATCH} (1)"
+    )
+    parser.add_argument(
+        "--shared-memory", choices=("none", "system"), default="none",
+        help="where clients put images: in the request (none) or in system shared memory",
+    )
+    parser.add_argument(
+        "--no-model-warmup", dest="model_warmup", action="store_false",
+        help="leave model_warmup out of the config (batch sizes are captured under load)",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.request_batch <= MAX_BATCH:
+        parser.error(f"--request-batch must be from 1 to {MAX_BATCH}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("serve_gpu.py needs a CUDA GPU (or --device cpu)")
 
@@ -167,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         server, ports = start_server(write_repository(root, engine_path, args))
         try:
             url = f"127.0.0.1:{ports['grpc']}"
-            drive(url, args.concurrency, args.client_processes, args.warmup)
+            shared = args.shared_memory == "system"
+            drive(url, args.concurrency, args.client_processes, args.warmup, shared, args.request_batch)
             count = lambda metric: scrape(ports["metrics"], metric, "resnet50")  # noqa: E731
             before = {m: count(m) for m in ("nv_inference_count", "nv_inference_exec_count")}
-            served = drive(url, args.concurrency, args.client_processes, args.duration)
+            served = drive(
+                url, args.concurrency, args.client_processes, args.duration, shared, args.request_batch
+            )
             after = {m: count(m) for m in before}
         finally:
             server.send_signal(signal.SIGTERM)
@@ -178,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         images = after["nv_inference_count"] - before["nv_inference_count"]
         executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
         mean_batch = images / max(executions, 1)
-        served_ips = len(served["latencies"]) / served["elapsed"]
+        served_ips = len(served["latencies"]) * args.request_batch / served["elapsed"]
         matching = max(1, round(mean_batch))
         bench = {b: kiln_bench(engine_path, b, args.instances, 5.0) for b in sorted({matching, MAX_BATCH})}
 
@@ -186,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device_name}; concurrency {args.concurrency} over "
           f"{args.client_processes} client processes, {args.instances} instances, "
-          f"{args.duration:g} s")
-    print(f"served: {served_ips:.0f} images/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+          f"{args.duration:g} s, {args.request_batch} images per request, queue delay {args.queue_delay_us} us, shared memory "
+          f"{args.shared_memory}, model_warmup {'every batch size' if args.model_warmup else 'none'}")
+    print(f"served: {served_ips:.0f} images/s, {served_ips / args.request_batch:.0f} requests/s, "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
           f"{len(served['errors'])} errors; {images:.0f} images in {executions:.0f} executions "
           f"(mean batch {mean_batch:.1f})")
     for batch, ips in bench.items():

@@ -8,12 +8,15 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from tritonclient.grpc import model_config_pb2
 
+import kiln
 from kiln.errors import InputError
-from kiln.serve.batcher import Batcher, BatchingPolicy
+from kiln.serve.batcher import Batcher, BatchingPolicy, Instance
 from kiln.serve.metrics import ModelMetrics
 from kiln.serve.protocol import InternalError, InvalidRequest, Unavailable
+from tests.graphs import mlp
 
 
 class Recorder:
@@ -25,10 +28,10 @@ class Recorder:
         self.release.set()
         self.started = threading.Event()
 
-    def run(self, inputs):
+    def run_batch(self, parts):
         self.started.set()
         self.release.wait(10)
-        x = inputs["x"]
+        x = np.concatenate([part["x"] for part in parts])
         if (x < 0).any():
             raise InputError("negative values")
         if (x > 1000).any():
@@ -174,3 +177,17 @@ def test_policy_from_config():
     policy = BatchingPolicy.from_config(config)
     assert policy.timeout_s(1_000_000) == 1.0 and policy.timeout_s(9_000_000) == 2.0
     assert BatchingPolicy.from_config(model_config_pb2.ModelConfig(max_batch_size=4)).timeout_s(300) == 0.0003
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_instance_on_a_gpu_gathers_batches_in_page_locked_memory():
+    engine = kiln.build(mlp(), device="cuda")
+    instance = Instance(engine)
+    rng = np.random.default_rng(5)
+    for sizes in ([3, 1, 4], [2], [5, 5]):  # the gathering memory grows and is reused
+        parts = [{"x": rng.standard_normal((n, 4)).astype(np.float32)} for n in sizes]
+        got = instance.run_batch(parts)
+        expected = engine.run({"x": np.concatenate([part["x"] for part in parts])})
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-3, atol=1e-3)

@@ -15,7 +15,7 @@ from kiln.errors import EngineCompatibilityError, EngineFormatError
 from kiln.runtime.accuracy import Infer, OutputAccuracy, accuracy_report, onnxruntime_reference
 from kiln.runtime.executor import Program, WeightStore, string_tensor
 from kiln.kernels.arithmetic import fp32_arithmetic
-from kiln.runtime.graphs import GraphCache, signature_of
+from kiln.runtime.graphs import DEFAULT_GRAPH_CAPACITY, GraphCache, signature_of
 from kiln.runtime.io import TensorInfo, bind_inputs, export_outputs
 from kiln.runtime.profiles import Profile, check_profiles, read_profiles
 from kiln.runtime.timing import COMPUTE, DEVICE_TO_HOST, HOST_TO_DEVICE, RUN_START, Timeline
@@ -86,9 +86,13 @@ class Engine:
         """How many input-shape signatures ``run`` replays from a CUDA graph."""
         return self._context.captured_signatures
 
-    def create_context(self, cuda_graphs: bool | None = None) -> ExecutionContext:
-        """A new execution context: its own CUDA graphs and memory, for one concurrent caller."""
-        return ExecutionContext(self, self.cuda_graphs if cuda_graphs is None else cuda_graphs)
+    def create_context(
+        self, cuda_graphs: bool | None = None, graph_capacity: int = DEFAULT_GRAPH_CAPACITY
+    ) -> ExecutionContext:
+        """A new execution context: its own CUDA graphs and memory, for one concurrent caller.
+        ``graph_capacity``: how many input-shape signatures keep their CUDA graph."""
+        enabled = self.cuda_graphs if cuda_graphs is None else cuda_graphs
+        return ExecutionContext(self, enabled, graph_capacity)
 
     def accuracy_report(
         self, data: Iterable[Mapping[str, Any]], reference: str | os.PathLike | bytes | Infer,
@@ -125,10 +129,13 @@ class ExecutionContext:
     run is profiled layer by layer.
     """
 
-    def __init__(self, engine: Engine, cuda_graphs: bool | None = None) -> None:
+    def __init__(
+        self, engine: Engine, cuda_graphs: bool | None = None,
+        graph_capacity: int = DEFAULT_GRAPH_CAPACITY,
+    ) -> None:
         self.engine = engine
         enabled = engine.cuda_graphs if cuda_graphs is None else cuda_graphs
-        self._graphs = GraphCache() if enabled and engine.device.type == "cuda" else None
+        self._graphs = GraphCache(graph_capacity) if enabled and engine.device.type == "cuda" else None
 
     @property
     def captured_signatures(self) -> int:

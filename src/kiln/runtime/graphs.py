@@ -32,6 +32,7 @@ Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 # One capture at a time in the process: the allocator routes each capture's allocations to its
 # pool by stream, and keeping captures apart leaves nothing to that routing's corner cases.
 _CAPTURE_LOCK = threading.Lock()
+DEFAULT_GRAPH_CAPACITY = 16
 
 
 @dataclass
@@ -49,7 +50,7 @@ def signature_of(inputs: Mapping[str, Any]) -> Signature | None:
 
 
 class GraphCache:
-    def __init__(self, capacity: int = 16) -> None:
+    def __init__(self, capacity: int = DEFAULT_GRAPH_CAPACITY) -> None:
         self.capacity = capacity
         self._pool = torch.cuda.graph_pool_handle()
         self._capture_stream = torch.cuda.Stream()

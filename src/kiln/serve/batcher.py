@@ -10,6 +10,7 @@ dimension and the outputs split back per request.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Hashable
@@ -23,8 +24,10 @@ from tritonclient.grpc import model_config_pb2
 
 from kiln.errors import InputError
 from kiln.runtime import Engine
+from kiln.runtime.graphs import DEFAULT_GRAPH_CAPACITY
 from kiln.serve.metrics import ModelMetrics
 from kiln.serve.protocol import InternalError, InvalidRequest, Unavailable
+from kiln.serve.warmup import WarmupSample
 
 log = logging.getLogger("kiln.serve.batcher")
 
@@ -71,17 +74,57 @@ class BatchingPolicy:
 
 class Instance:
     """An execution context: an Engine of its own and, on CUDA, a stream of its own, so that
-    instances of one model overlap on the GPU."""
+    instances of one model overlap on the GPU. ``graph_capacity``: how many input shapes keep
+    their CUDA graph (every warmed-up shape should)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, graph_capacity: int = DEFAULT_GRAPH_CAPACITY) -> None:
         self.engine = engine
+        self._context = engine.create_context(graph_capacity=graph_capacity)
         self._stream = torch.cuda.Stream(engine.device) if engine.device.type == "cuda" else None
+        self._page_locked: dict[str, torch.Tensor] = {}  # per input: where batches are gathered
+
+    @property
+    def captured_signatures(self) -> int:
+        return self._context.captured_signatures
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # NumPy out: the copy to the host waits for the stream
+        return self._context.run(inputs, stream=self._stream)
+
+    def run_batch(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Run several requests' inputs as one batch, concatenated along the first dimension."""
         if self._stream is None:
-            return self.engine.run(inputs)
-        with torch.cuda.stream(self._stream):
-            return self.engine.run(inputs)  # NumPy out: the copy to the host waits for the stream
+            return self.run(parts[0] if len(parts) == 1 else {
+                name: np.concatenate([part[name] for part in parts]) for name in parts[0]
+            })
+        return self.run({name: self._gather(name, [part[name] for part in parts]) for name in parts[0]})
+
+    def _gather(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
+        """On a GPU, the batch goes into page-locked memory: the device reads it directly, where
+        pageable memory would cost the driver a second copy. The run copies it to the device
+        before it returns, so the memory is free for the next batch."""
+        first = arrays[0]
+        if first.dtype.hasobject:  # strings stay on the host
+            return first if len(arrays) == 1 else np.concatenate(arrays)
+        shape = first.shape if len(arrays) == 1 else (sum(len(a) for a in arrays), *first.shape[1:])
+        size = math.prod(shape) * first.dtype.itemsize
+        buffer = self._page_locked.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._page_locked[name] = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=True)
+        gathered = buffer.numpy()[:size].view(first.dtype).reshape(shape)
+        if len(arrays) == 1:
+            np.copyto(gathered, first)
+        else:
+            np.concatenate(arrays, out=gathered)
+        return gathered
+
+    def warm_up(self, samples: list[WarmupSample]) -> None:
+        """Run each sample ``count`` times, and on a GPU at least twice: its CUDA graph is then
+        captured before the first request."""
+        for sample in samples:
+            runs = max(sample.count, 2) if self._stream is not None else sample.count
+            for _ in range(runs):
+                self.run(sample.inputs)
 
 
 @dataclass(eq=False)
@@ -99,6 +142,7 @@ class Batcher:
         self, label: str, instances: list[Instance], policy: BatchingPolicy, metrics: ModelMetrics
     ) -> None:
         self.label = label
+        self.instances = instances
         self.policy = policy
         self._metrics = metrics
         self._queue: list[_Job] = []
@@ -219,11 +263,8 @@ class Batcher:
     def _execute(self, instance: Instance, jobs: list[_Job]) -> None:
         started = time.perf_counter()
         try:
-            inputs = jobs[0].inputs if len(jobs) == 1 else {
-                name: np.concatenate([job.inputs[name] for job in jobs]) for name in jobs[0].inputs
-            }
             compute_started = time.perf_counter()
-            outputs = instance.run(inputs)
+            outputs = instance.run_batch([job.inputs for job in jobs])
             compute_s = time.perf_counter() - compute_started
             results = self._split(outputs, jobs)
         except InputError as error:

@@ -10,10 +10,12 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2
 
 from kiln.runtime import Engine, TensorInfo
+from kiln.runtime.graphs import DEFAULT_GRAPH_CAPACITY
 from kiln.serve.batcher import Batcher, BatchingPolicy, Instance
 from kiln.serve.metrics import ModelMetrics
 from kiln.serve.protocol import DATATYPES, InferenceRequest, InvalidRequest, datatype_of
 from kiln.serve.repository import ModelLoadError, ModelRepository, instance_devices
+from kiln.serve.warmup import WarmupSample, warmup_samples
 
 PLATFORM = "kiln"
 
@@ -34,7 +36,7 @@ def config_datatype(data_type: int) -> str:
 class ModelVersion:
     def __init__(
         self, name: str, version: int, config: model_config_pb2.ModelConfig,
-        engines: list[Engine], metrics: ModelMetrics,
+        engines: list[Engine], metrics: ModelMetrics, warmups: list[WarmupSample] = (),
     ) -> None:
         self.name = name
         self.version = version
@@ -44,10 +46,15 @@ class ModelVersion:
         self._signature = {info.name: info for info in engines[0].inputs}
         self.inputs = _resolve(config.input, engines[0].inputs, config.max_batch_size, "input")
         self.outputs = _resolve(config.output, engines[0].outputs, config.max_batch_size, "output")
-        self.batcher = Batcher(
-            f"{name}/{version}", [Instance(engine) for engine in engines],
-            BatchingPolicy.from_config(config), metrics,
-        )
+        for sample in warmups:
+            try:
+                self.check(InferenceRequest(name, str(version), sample.inputs))
+            except InvalidRequest as error:
+                raise ModelLoadError(f"model_warmup {sample.name!r}: {error}") from None
+        instances = [Instance(engine, DEFAULT_GRAPH_CAPACITY + len(warmups)) for engine in engines]
+        for instance in instances:
+            instance.warm_up(warmups)
+        self.batcher = Batcher(f"{name}/{version}", instances, BatchingPolicy.from_config(config), metrics)
 
     @classmethod
     def load(
@@ -55,8 +62,9 @@ class ModelVersion:
         config: model_config_pb2.ModelConfig, metrics: ModelMetrics,
     ) -> ModelVersion:
         """Load one engine per instance: instances share nothing mutable."""
+        warmups = warmup_samples(config, repository.model_dir(name))
         engines = [repository.load_engine(name, version, device) for device in instance_devices(config)]
-        return cls(name, version, config, engines, metrics)
+        return cls(name, version, config, engines, metrics, warmups)
 
     def tensor_metadata(self, specs: dict[str, TensorSpec]) -> list[dict]:
         batch = (-1,) if self.max_batch_size > 0 else ()
