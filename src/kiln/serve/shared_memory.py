@@ -20,6 +20,8 @@ import numpy as np
 from kiln.serve.protocol import InvalidRequest, NotFound, SharedMemoryRef, to_bytes
 
 # Where Linux keeps POSIX shared memory objects: shm_open("/name") is this directory's "name".
+# (multiprocessing.shared_memory would do, but before Python 3.13 attaching registers the object
+# with the resource tracker, which unlinks the client's object when the server exits.)
 SHM_DIRECTORY = Path("/dev/shm")
 _NAME_MAX = 255
 
