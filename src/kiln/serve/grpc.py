@@ -104,10 +104,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if ref is None:
                 reply.raw_output_contents.append(to_bytes(array))
                 continue
-            tensor.parameters["shared_memory_region"].string_param = ref.region
-            tensor.parameters["shared_memory_byte_size"].int64_param = ref.byte_size
-            if ref.offset:
-                tensor.parameters["shared_memory_offset"].int64_param = ref.offset
+            for key, value in ref.parameters().items():
+                field = "string_param" if isinstance(value, str) else "int64_param"
+                setattr(tensor.parameters[key], field, value)
             reply.raw_output_contents.append(b"")  # keeps raw_output_contents aligned with outputs
         return reply
 
@@ -197,7 +196,6 @@ def parse_infer_request(message: pb.ModelInferRequest, shared_memory: SharedMemo
     for output in message.outputs:
         ref = shared_memory_ref(output.name, _parameters(output.parameters))
         if ref is not None:
-            shared_memory.locate(output.name, ref)
             request.shared_memory_outputs[output.name] = ref
     return request
 

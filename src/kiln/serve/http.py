@@ -289,7 +289,6 @@ def parse_infer_request(
         request.outputs.append(name)
         ref = shared_memory_ref(name, output_parameters)
         if ref is not None:
-            shared_memory.locate(name, ref)
             request.shared_memory_outputs[name] = ref
         elif "binary_data" in output_parameters:
             request.binary_outputs[name] = _flag(output_parameters, "binary_data", f"output {name!r}")
@@ -318,10 +317,7 @@ def _infer_response(response: InferenceResponse, request: InferenceRequest) -> w
         }
         ref = response.shared_memory.get(name)
         if ref is not None:
-            entry["parameters"] = {
-                "shared_memory_region": ref.region, "shared_memory_byte_size": ref.byte_size,
-                **({"shared_memory_offset": ref.offset} if ref.offset else {}),
-            }
+            entry["parameters"] = ref.parameters()
         elif request.binary_outputs.get(name, request.binary_output_default):
             chunk = to_bytes(array)
             entry["parameters"] = {"binary_data_size": len(chunk)}

@@ -90,6 +90,11 @@ class SharedMemoryRef:
     byte_size: int
     offset: int = 0
 
+    def parameters(self) -> dict[str, str | int]:
+        """The tensor parameters that name this place, as a response carries them."""
+        named = {"shared_memory_region": self.region, "shared_memory_byte_size": self.byte_size}
+        return {**named, "shared_memory_offset": self.offset} if self.offset else named
+
 
 def shared_memory_ref(tensor: str, parameters: dict[str, Any]) -> SharedMemoryRef | None:
     """The shared memory a tensor's parameters point at, or None when they point at none."""

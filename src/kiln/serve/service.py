@@ -126,6 +126,8 @@ class InferenceService:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         if not self.accepting:
             raise Unavailable("the server is shutting down")
+        for name, ref in request.shared_memory_outputs.items():  # fail before running, not after
+            self.shared_memory.locate(name, ref)
         served = self.model_version(request.model, request.version)
         started = time.perf_counter()
         self._in_flight += 1
