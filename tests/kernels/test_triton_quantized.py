@@ -229,9 +229,12 @@ def test_unknown_activation_is_named():
     {"kernel_shape": [7, 7], "strides": [2, 2], "pads": [3, 3, 3, 3]},  # a stem on 3 channels
     {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]},
     {"kernel_shape": [1, 1], "strides": [2, 2]},
+    {"kernel_shape": [1, 1], "residual": True},  # the GEMM over pixels, with a shortcut
+    {"kernel_shape": [1, 1], "pads": [0, 0, 1, 1]},  # padded: not a plain GEMM
 ])
 def test_conv_choice_glue_on_the_cpu(attributes):
-    """The choice's own steps (pads, channels-last pixels, prepared weights) with CPU tensors."""
+    """The choice's own steps (pads, channels-last pixels, prepared weights, 1x1 windows as the
+    GEMM over pixels) with CPU tensors."""
     from kiln.kernels.catalog import BY_ID
     from kiln.ops.registry import lookup
 
@@ -242,12 +245,15 @@ def test_conv_choice_glue_on_the_cpu(attributes):
                         dtype=torch.int8)
     w_scale = torch.rand(24, generator=g) * 0.004 + 0.001
     bias = torch.randn(24, generator=g).half()
+    residual = torch.randn(2, 24, 11, 11, generator=g).half() if attributes.pop("residual", False) else None
     attributes = {**attributes, "x_scale": 0.03, "x_zero_point": 100, "x_type": ops.UINT8,
                   "activation": "Relu"}
     reference = lookup("QuantizedConv", 1, "kiln")
-    expected = reference([x, w_q, w_scale, bias], reference.bind(attributes, torch.device("cpu"), 1))
+    expected = reference([x, w_q, w_scale, bias, residual],
+                         reference.bind(attributes, torch.device("cpu"), 1))
     launch = BY_ID["triton-quantized-conv"].launch({"choice": "triton-quantized-conv"}, reference)
-    args = [x, launch.prepare_weights[1](w_q), w_scale, bias]
+    args = [x, launch.prepare_weights[1](w_q), w_scale, bias, residual]
     got = launch.impl(args, launch.impl.bind(attributes, torch.device("cpu"), 1))
+    assert got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-3,
                                atol=1e-3 * expected.float().abs().max().item())

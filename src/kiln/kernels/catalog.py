@@ -15,6 +15,7 @@ from kiln.kernels.fp8_gemm import CublasLtFp8GemmChoice
 from kiln.kernels.int8_gemm import CublasLtInt8Conv1x1Choice, CublasLtInt8GemmChoice
 from kiln.kernels.patch_gemm import PatchGemmChoice
 from kiln.kernels.sdpa import SDPA_CHOICES
+from kiln.kernels.space_to_depth_conv import SpaceToDepthConvChoice
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
 from kiln.kernels.triton_norm import TritonLayerNormChoice, TritonRMSNormChoice
 from kiln.kernels.triton_pointwise import TritonPointwiseChoice
@@ -28,6 +29,7 @@ CHOICES: list[Choice] = [
     CudnnConvChoice(),
     CudnnFusedConvChoice(),
     PatchGemmChoice(),
+    SpaceToDepthConvChoice(),
     CublasLtGemmChoice(),
     TritonQuantizedMatMulChoice(),
     TritonQuantizedConvChoice(),

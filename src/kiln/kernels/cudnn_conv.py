@@ -63,21 +63,27 @@ class CudnnFusedConvChoice(Choice):
         has_residual = len(spec.input_types) > 3 and spec.input_types[3] is not None
         return (
             _is_2d_conv(spec, device)
-            and attributes.get("activation") == "Relu"
-            and not (has_residual and attributes.get("residual_after_activation", 0))
+            and fuses_relu(attributes, has_residual)
             and attributes.get("auto_pad", "NOTSET") == "NOTSET"
             and _symmetric(attributes.get("pads"))
         )
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
-        return Launch(with_fn(reference, _fused_conv_relu), {1: channels_last})
+        return Launch(with_fn(reference, fused_conv_relu), {1: channels_last})
+
+
+def fuses_relu(attributes: Mapping[str, Any], has_residual: bool) -> bool:
+    """Whether a conv's epilogue is cuDNN's fused one: + bias (+ residual), then ReLU."""
+    return attributes.get("activation") == "Relu" and not (
+        has_residual and attributes.get("residual_after_activation", 0)
+    )
 
 
 def _symmetric(pads: list[int] | None) -> bool:
     return not pads or pads[: len(pads) // 2] == pads[len(pads) // 2:]
 
 
-def _fused_conv_relu(
+def fused_conv_relu(
     x, w, b=None, r=None, *, dilations=None, group=1, pads=None, strides=None, **_unused,
 ):
     x = channels_last(x)

@@ -8,18 +8,31 @@ output values in float32, as :mod:`kiln.ops.quantized` defines them: ``acc * x_s
 :data:`~kiln.ops.activation.ACTIVATIONS`, selected by a compile-time code; their parameters
 (LeakyRelu/Elu alpha, Clip bounds, HardSigmoid alpha and beta) are run-time values that
 :func:`activation_arguments` fills with the same defaults.
+
+GELU into a 16-bit output takes the tanh form on the hardware's ``tanh.approx.f32``, as cuBLASLt's
+GELU epilogue does for the fp16 layers (:mod:`kiln.kernels.cublas_gemm`): the two forms differ by
+less than 5e-4, and the approximate tanh by 2**-11 of itself, within a float16 rounding step,
+while erf costs the epilogue of an int8 BERT-base FFN GEMM (M=8192, K=768, N=3072) on an H100 a
+third of its time (0.092 ms against 0.065). Triton's interpreter runs no PTX: there the tanh is
+computed from ``exp``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+import torch
 import triton
 import triton.language as tl
 
 from kiln.ops.activation import ACTIVATIONS
 
 ACTIVATION_CODES = {"": 0, **{name: code for code, name in enumerate(ACTIVATIONS, start=1)}}
+FAST_GELU = tl.constexpr(len(ACTIVATION_CODES))  # either GELU, into a 16-bit output
+HALF_OUTPUTS = (torch.float16, torch.bfloat16)
+COMPILED = os.environ.get("TRITON_INTERPRET") != "1"  # not in Triton's interpreter
+HARDWARE_TANH = tl.constexpr(COMPILED)
 # Parameters' defaults, as ACTIVATIONS applies them (Clip has no defaults: it needs both).
 _DEFAULTS = {"LeakyRelu": (0.01, 0.0), "Elu": (1.0, 0.0), "HardSigmoid": (0.2, 0.5)}
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus is the identity beyond it
@@ -41,8 +54,11 @@ MISH = tl.constexpr(ACTIVATION_CODES["Mish"])
 SOFTPLUS = tl.constexpr(ACTIVATION_CODES["Softplus"])
 
 
-def activation_arguments(activation: str, params: Sequence[float] | None) -> tuple[int, float, float]:
-    """``(code, first parameter, second parameter)`` for :func:`dequantize_epilogue`."""
+def activation_arguments(
+    activation: str, params: Sequence[float] | None, out_dtype: torch.dtype = torch.float32,
+) -> tuple[int, float, float]:
+    """``(code, first parameter, second parameter)`` for :func:`dequantize_epilogue` writing
+    ``out_dtype``."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     params = list(params or ())
@@ -51,6 +67,8 @@ def activation_arguments(activation: str, params: Sequence[float] | None) -> tup
     defaults = _DEFAULTS.get(activation, (0.0, 0.0))
     first = float(params[0]) if params else defaults[0]
     second = float(params[1]) if len(params) > 1 else defaults[1]
+    if activation in ("Gelu", "GeluTanh") and out_dtype in HALF_OUTPUTS:
+        return FAST_GELU.value, first, second
     return ACTIVATION_CODES[activation], first, second
 
 
@@ -63,6 +81,17 @@ def _sigmoid(y):
 def _tanh(y):
     # 1 - 2 / (exp(2y) + 1): saturates to +-1 without overflow trouble (exp(inf) gives 1 - 0)
     return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def _approximate_tanh(y):
+    if HARDWARE_TANH:
+        y = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [y], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        y = _tanh(y)
+    return y
 
 
 @triton.jit
@@ -95,6 +124,8 @@ def apply_activation(y, ACTIVATION: tl.constexpr, p0, p1):
     elif ACTIVATION == GELU_TANH:
         # constants on the right: Triton's interpreter cannot take a constexpr times a tensor
         y = 0.5 * y * (1.0 + _tanh((y + y * y * y * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
+    elif ACTIVATION == FAST_GELU:
+        y = 0.5 * y * (1.0 + _approximate_tanh((y + y * y * y * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
     elif ACTIVATION == MISH:
         y = y * _tanh(_softplus(y))
     elif ACTIVATION == SOFTPLUS:

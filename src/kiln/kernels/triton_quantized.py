@@ -7,7 +7,8 @@ applies the activation and writes the layer's dtype (:mod:`kiln.kernels.triton_q
 
 ``kiln::QuantizedConv`` (2-D, one group, any window, stride, padding and dilation): the input
 quantized channels-last in one pass, then an implicit-GEMM convolution with the same epilogue
-(:mod:`kiln.kernels.triton_quantized_conv`), its output channels-last.
+(:mod:`kiln.kernels.triton_quantized_conv`), its output channels-last; a 1x1 window at stride 1
+without padding runs as the GEMM over the pixels (with its TMA kernel on Hopper).
 
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
@@ -99,6 +100,27 @@ class TritonQuantizedMatMulChoice(Choice):
         return Launch(with_fn(reference, run), {1: prepare})
 
 
+def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,
+                residual_after_activation, activation, activation_params, x):
+    """A 1x1 convolution at stride 1 without padding: the quantized GEMM over the pixels' rows,
+    its output channels-last. The channels-last weight [O, C, 1, 1] is the GEMM's [C, O] weight
+    laid out column by column."""
+    from kiln.kernels.triton_quantized_gemm import quantized_gemm
+
+    batch, _, height, width = x.shape
+    out_channels, channels = w_q.shape[:2]
+    if residual is not None:
+        residual = residual.expand(batch, out_channels, height, width).permute(0, 2, 3, 1)
+        residual = residual.reshape(-1, out_channels)
+    y = quantized_gemm(
+        q, w_q.reshape(out_channels, channels).t(), x_scale, w_scale.to(torch.float32),
+        zero_point=zero_point, colsum=colsum, bias=bias, residual=residual,
+        residual_after_activation=residual_after_activation, activation=activation,
+        activation_params=activation_params, out_dtype=x.dtype,
+    )
+    return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
+
+
 class TritonQuantizedConvChoice(Choice):
     """QuantizedConv in 2-D with one group: fused input quantization, then the implicit GEMM."""
 
@@ -145,6 +167,11 @@ class TritonQuantizedConvChoice(Choice):
                 pixels.reshape(-1, channels), x_scale, x_zero_point, x_type, float8
             )
             colsum = sums.of(w_q) if zero_point8 else None
+            if kernel == [1, 1] and strides == [1, 1] and not any(begin) and not any(end):
+                return _pixel_gemm(
+                    q, w_q, x_scale, w_scale, colsum, zero_point8, bias, residual,
+                    residual_after_activation, activation, activation_params, x,
+                )
             return quantized_conv2d(
                 q.view(batch, height, width, channels), w_q, x_scale, w_scale.to(torch.float32),
                 strides=strides, pads=begin, dilations=dilations, output_size=output_size,
@@ -154,3 +181,24 @@ class TritonQuantizedConvChoice(Choice):
             )
 
         return Launch(with_fn(reference, run), {1: prepare})
+
+
+def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,
+                residual_after_activation, activation, activation_params, x):
+    """A 1x1 convolution at stride 1 without padding: the quantized GEMM over the pixels' rows,
+    its output channels-last. The channels-last weight [O, C, 1, 1] is the GEMM's [C, O] weight
+    laid out column by column."""
+    from kiln.kernels.triton_quantized_gemm import quantized_gemm
+
+    batch, _, height, width = x.shape
+    out_channels, channels = w_q.shape[:2]
+    if residual is not None:
+        residual = residual.expand(batch, out_channels, height, width).permute(0, 2, 3, 1)
+        residual = residual.reshape(-1, out_channels)
+    y = quantized_gemm(
+        q, w_q.reshape(out_channels, channels).t(), x_scale, w_scale.to(torch.float32),
+        zero_point=zero_point, colsum=colsum, bias=bias, residual=residual,
+        residual_after_activation=residual_after_activation, activation=activation,
+        activation_params=activation_params, out_dtype=x.dtype,
+    )
+    return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)

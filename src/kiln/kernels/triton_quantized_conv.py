@@ -196,7 +196,7 @@ def quantized_conv2d(
     pixels = batch * out_h * out_w
     if pixels == 0 or out_channels == 0:
         return out
-    code, p0, p1 = activation_arguments(activation, activation_params)
+    code, p0, p1 = activation_arguments(activation, activation_params, out_dtype)
     w_scale = w_scale.reshape(-1)
     if residual is not None:
         residual = residual.expand(out.shape)
