@@ -13,9 +13,9 @@ without padding runs as the GEMM over the pixels (with its TMA kernel on Hopper)
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
 specs are never timed (integer weights), so the catalog puts them first, where the untimed default
-is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 5.2 ms with them
+is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 3.75 ms with them
 against 26.5 ms with the cuBLASLt int8 choice and float32 quantization passes, INT8 ResNet-50
-6.3 ms against 28.5 ms (fp16: 3.7 and 2.4 ms). They need Triton and a GPU with 8-bit tensor cores; FP8 needs compute
+5.1 ms against 28.5 ms (fp16: 3.5 and 2.4 ms). They need Triton and a GPU with 8-bit tensor cores; FP8 needs compute
 capability 8.9.
 """
 
@@ -98,27 +98,6 @@ class TritonQuantizedMatMulChoice(Choice):
             return y.reshape(*x.shape[:-1], n)
 
         return Launch(with_fn(reference, run), {1: prepare})
-
-
-def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,
-                residual_after_activation, activation, activation_params, x):
-    """A 1x1 convolution at stride 1 without padding: the quantized GEMM over the pixels' rows,
-    its output channels-last. The channels-last weight [O, C, 1, 1] is the GEMM's [C, O] weight
-    laid out column by column."""
-    from kiln.kernels.triton_quantized_gemm import quantized_gemm
-
-    batch, _, height, width = x.shape
-    out_channels, channels = w_q.shape[:2]
-    if residual is not None:
-        residual = residual.expand(batch, out_channels, height, width).permute(0, 2, 3, 1)
-        residual = residual.reshape(-1, out_channels)
-    y = quantized_gemm(
-        q, w_q.reshape(out_channels, channels).t(), x_scale, w_scale.to(torch.float32),
-        zero_point=zero_point, colsum=colsum, bias=bias, residual=residual,
-        residual_after_activation=residual_after_activation, activation=activation,
-        activation_params=activation_params, out_dtype=x.dtype,
-    )
-    return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
 
 
 class TritonQuantizedConvChoice(Choice):
