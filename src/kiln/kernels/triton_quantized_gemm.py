@@ -27,10 +27,11 @@ K a multiple of BLOCK_K (``EVEN_K``) compiles a loop without masks.
 On Hopper, from 128 rows, with 16-byte aligned rows: :func:`quantized_gemm_tma_kernel`, whose
 operand tiles arrive by the tensor memory accelerator (TMA) and whose output leaves by it, in two
 half tiles. One program per multiprocessor walks the tiles. With the 16-bit GELU epilogue
-(:mod:`kiln.kernels.triton_epilogue`) it took, on an H100 (M=8192, CUDA graphs; ms, int8 / fp8,
-against the pointer-load kernel above with erf GELU): K=768 N=3072 + GELU 0.057 / 0.066 (0.092 /
-0.094), K=768 N=2304 0.048 / 0.053 (0.071 / 0.072); cuBLASLt fp16 with its bias + GELU epilogue
-0.071 and 0.055. int8 takes 128x256 tiles, fp8 128x128 (its wider tiles were slower).
+(:mod:`kiln.kernels.triton_epilogue`) it took, on an H100 (M=8192, + bias, fp16 out, CUDA graphs;
+ms, int8 / fp8 / cuBLASLt fp16 with its own epilogue): K=768 N=3072 + GELU 0.058 / 0.068 / 0.072
+(the pointer-load kernel with erf GELU: 0.092 / 0.094), K=768 N=2304 0.042 / 0.047 / 0.049,
+K=3072 N=768 0.045 / 0.047 / 0.055. int8 takes 128x256 tiles, fp8 128x128 (its wider tiles were
+slower).
 """
 
 from __future__ import annotations
