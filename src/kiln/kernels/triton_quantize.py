@@ -13,10 +13,10 @@ Two cases, each bit-identical to :mod:`kiln.ops.quantized` as computed on the CP
 
 Quotients are IEEE float32 quotients, correctly rounded, as the CPU reference divides (Triton's
 ``/`` on float32 is an approximation). A division per element (``div_rn``, a long instruction
-sequence) made the kernel compute-bound: 0.048 ms for an [8192, 3072] fp16 activation on an H100,
-a quarter of int8 BERT-base's GEMM time. Each program divides once, for the reciprocal of its
-scale, and each element takes a product and an FMA correction (Markstein's), which gives the
-correctly rounded quotient from a correctly rounded reciprocal. On CUDA PyTorch divides by a Python number through its float32
+sequence) made the kernel compute-bound: 0.051 ms for an [8192, 3072] fp16 activation on an H100
+(0.036 now). Each program divides once, for the reciprocal of its scale, and each element takes a
+product and an FMA correction (Markstein's), which gives the correctly rounded quotient from a
+correctly rounded reciprocal. On CUDA PyTorch divides by a Python number through its float32
 reciprocal, so the ``ops`` reference run there may differ from these kernels by one quantization
 step where ``x / scale`` lies within an ulp of a rounding boundary.
 
