@@ -10,7 +10,7 @@ SENSITIVE = "conv2"
 
 
 def conv_chain(outlier_scale: float) -> onnx.ModelProto:
-    """x [n, 4, 8, 8] -> conv1 -> relu -> conv2 -> relu -> conv3 -> y.
+    """x [n, 8, 8, 8] -> conv1 -> relu -> conv2 -> relu -> conv3 -> y.
 
     conv1's channel 0 comes out ``outlier_scale`` times larger and conv2 reads that channel with
     weights as much smaller, so the fp32 result is that of three ordinary convolutions. But
@@ -19,7 +19,7 @@ def conv_chain(outlier_scale: float) -> onnx.ModelProto:
     every weight stays within it.
     """
     rng = np.random.default_rng(0)
-    w1 = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w1 = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
     w2 = (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)
     w3 = (rng.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32)
     w1[0] *= outlier_scale
@@ -34,7 +34,7 @@ def conv_chain(outlier_scale: float) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "conv_chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
         [numpy_helper.from_array(w, name) for w, name in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
     )
@@ -46,4 +46,4 @@ def conv_chain(outlier_scale: float) -> onnx.ModelProto:
 
 def batches(count: int, seed: int = 0, batch: int = 4) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32)} for _ in range(count)]
+    return [{"x": rng.standard_normal((batch, 8, 8, 8)).astype(np.float32)} for _ in range(count)]

@@ -128,7 +128,9 @@ def test_int8_calibrated_build_stays_close_to_fp32(float_model, method):
         calibration_data=_batches(6),
     )
     precisions = _precisions(int8)
-    assert sum(p == "int8" for p in precisions.values()) == 6, precisions
+    # every Conv and Linear but the stem, whose 3 input channels stay in float
+    assert sum(p == "int8" for p in precisions.values()) == 5, precisions
+    assert precisions["/stem/stem.0/Conv"] == "fp32"
     assert int8.manifest["precision"] == "int8"
     feed = _batches(1, batch=16, seed=11)[0]
     reference = fp32.run(feed)["logits"]
@@ -142,7 +144,7 @@ def test_int8_calibrated_build_stays_close_to_fp32(float_model, method):
 def test_fp8_calibrated_build_on_cpu(float_model):
     fp32 = kiln.build(float_model, device="cpu")
     fp8 = kiln.build(float_model, device="cpu", precision="fp8", calibration_data=_batches(4))
-    assert sum(p == "fp8" for p in _precisions(fp8).values()) == 6
+    assert sum(p == "fp8" for p in _precisions(fp8).values()) == 5
     feed = _batches(1, batch=8, seed=5)[0]
     assert _cosine(fp8.run(feed)["logits"], fp32.run(feed)["logits"]) > 0.99
 
@@ -174,7 +176,7 @@ def test_pinned_layer_stays_fp32(float_model):
                         layer_precisions={names[0]: "fp32"})
     precisions = _precisions(engine)
     assert precisions[names[0]] == "fp32"
-    assert sum(p == "int8" for p in precisions.values()) == 5
+    assert sum(p == "int8" for p in precisions.values()) == len(names) - 1
 
 
 def test_bad_calibration_data_is_an_input_error(float_model):

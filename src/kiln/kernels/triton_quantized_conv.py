@@ -155,8 +155,9 @@ def quantized_conv2d_kernel(
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
+    # Columns from the tile's offsets (the load is masked), so rows read as contiguous.
     residual_ptrs = (residual_ptr + (batch.to(tl.int64) * stride_rn + oh * stride_rh
-                                     + ow * stride_rw)[:, None] + cols[None, :] * stride_ro)
+                                     + ow * stride_rw)[:, None] + offs_n[None, :] * stride_ro)
     y = dequantize_epilogue(
         acc, offs_m, offs_n, mask_m, mask_n, w_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
         colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
