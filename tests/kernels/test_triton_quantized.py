@@ -142,6 +142,40 @@ def _check_gemm(rows, k, n, x_type, zero_point, residual_after, config=None):
     _close(got, expected)
 
 
+@pytest.mark.parametrize("y_type", [ops.INT8, FP8])
+def test_gemm_hands_its_output_over_quantized(y_type):
+    """An int8 or fp8 output, quantized with the next layer's scale from float32 epilogue values:
+    the reference's values, but where the two float32 results straddle a rounding boundary."""
+    rows, k, n = 33, 72, 40
+    x = _activation(rows, k, torch.float32, seed=5)
+    w_q = _weight(k, n, False, seed=6)
+    w_scale = torch.rand(n, generator=_generator(7)) * 0.004 + 0.001
+    attributes = dict(x_scale=0.021, x_type=ops.INT8, activation="Gelu", y_type=y_type, y_scale=0.05)
+    expected = ops.quantized_matmul(x, w_q, w_scale, **attributes)
+    q, _ = triton_quantize.quantize_rows_static(x, 0.021, 0, ops.INT8, False)
+    got = triton_quantized_gemm.quantized_gemm(
+        q, column_major(w_q), 0.021, w_scale, activation="Gelu",
+        out_dtype=ops.ACTIVATION_DTYPES[y_type], out_scale=0.05,
+    )
+    _same_quantized(got, expected)
+
+
+def _same_quantized(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == torch.int8:
+        steps = (got.int() - expected.int()).abs()
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+    else:  # one float8 step: 2**-3 of the value
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0.125, atol=2**-9)
+
+
+def test_quantized_output_needs_a_scale():
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="out_scale"):
+        triton_quantized_gemm.quantized_gemm(q, column_major(torch.zeros(8, 16, dtype=torch.int8)),
+                                             0.1, torch.ones(16), out_dtype=torch.int8)
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_gemm_epilogue_activations(activation):
     """Each activation on dynamic, smoothed rows with a float16 output and a broadcast residual."""
@@ -216,6 +250,27 @@ def _check_convolution(shape, x_type, zero_point, config=None):
     )
     _close(got, expected)
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("y_type", [ops.INT8, FP8])
+def test_convolution_takes_and_hands_over_quantized_values(y_type):
+    """A convolution reading int8 values a producer quantized (no quantization pass of its own)
+    and writing its output quantized for the next layer, channels-last."""
+    g = _generator(11)
+    xq = torch.randint(-127, 128, (2, 40, 6, 7), generator=g, dtype=torch.int8)
+    xq = xq.contiguous(memory_format=torch.channels_last)
+    w_q = _weight(24 * 40 * 9, 1, False, seed=12).reshape(24, 40, 3, 3)
+    w_scale = torch.rand(24, generator=g) * 0.004 + 0.001
+    attributes = dict(x_scale=0.03, x_type=ops.INT8, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                      activation="Relu", y_type=y_type, y_scale=0.02, float_type=10)
+    expected = ops.quantized_conv(xq, w_q, w_scale, **attributes)
+    got = triton_quantized_conv.quantized_conv2d(
+        xq.permute(0, 2, 3, 1), w_q.contiguous(memory_format=torch.channels_last), 0.03, w_scale,
+        strides=[1, 1], pads=[1, 1], dilations=[1, 1], output_size=[6, 7], activation="Relu",
+        out_dtype=ops.ACTIVATION_DTYPES[y_type], out_scale=0.02,
+    )
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _same_quantized(got, expected)
 
 
 def test_unknown_activation_is_named():

@@ -141,6 +141,9 @@ def test_quantized_build_takes_the_triton_choices(tmp_path, precision):
     quantized = kiln.build(str(path), device="cuda", precision=precision, calibration_data=batches)
     choices = {layer["choice"] for layer in quantized.layers if layer["precision"] == precision}
     assert choices == {"triton-quantized-conv", "triton-quantized-gemm"}, choices
+    # the block's 3x3 convolution hands its output to the 1x1 one quantized, that one to `down`
+    steps = quantized.manifest["plan"]["steps"]
+    assert sum("y_type" in step["attributes"] for step in steps) == 2
     feed = {"x": rng.standard_normal((16, 3, 32, 32)).astype(np.float32)}
     a, b = (np.asarray(e.run(feed)["y"], dtype=np.float64).ravel() for e in (quantized, fp32))
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99

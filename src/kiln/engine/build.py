@@ -87,7 +87,7 @@ def build_engine(
     with phase(progress, "passes") as current:
         ir_model, pass_records = optimize(
             ir_model, config.opt_level, config.precision, pinned, calibrate,
-            rest_precision="fp16" if device == "cuda" else "fp32",
+            rest_precision="fp16" if device == "cuda" else "fp32", float_outputs=config.debug_outputs,
         )
         if pass_records:
             current.detail = (

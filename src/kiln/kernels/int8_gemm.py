@@ -94,11 +94,13 @@ def _gemm_sized(k: int, n: int) -> bool:
 
 def _integer_activation(spec: KernelSpec, device: str) -> bool:
     dtypes = input_dtypes(spec)
+    attributes = attributes_of(spec)
     return (
         device == "cuda"
         and dtypes[0] in FLOAT_TYPES
         and len(dtypes) > 2 and dtypes[1] == INT8
-        and attributes_of(spec).get("x_type", INT8) in (INT8, UINT8)
+        and attributes.get("x_type", INT8) in (INT8, UINT8)
+        and not attributes.get("y_type", 0)  # the output handed over quantized: Triton's epilogue
     )
 
 

@@ -15,6 +15,10 @@ less than 5e-4, and the approximate tanh by 2**-11 of itself, within a float16 r
 while erf costs the epilogue of an int8 BERT-base FFN GEMM (M=8192, K=768, N=3072) on an H100 a
 third of its time (0.092 ms against 0.065). Triton's interpreter runs no PTX: there the tanh is
 computed from ``exp``.
+
+A layer that hands its output to the next quantized layer (``y_type``) stores the epilogue's
+float32 values quantized with that layer's scale (:func:`output_values`), as
+:func:`~kiln.ops.quantized.quantize_activation` computes them.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton_quantize import INT8_HIGH, INT8_LOW, quantize_values
 from kiln.ops.activation import ACTIVATIONS
 
 ACTIVATION_CODES = {"": 0, **{name: code for code, name in enumerate(ACTIVATIONS, start=1)}}
 FAST_GELU = tl.constexpr(len(ACTIVATION_CODES))  # either GELU, into a 16-bit output
 HALF_OUTPUTS = (torch.float16, torch.bfloat16)
+QUANTIZED_OUTPUTS = (torch.int8, torch.float8_e4m3fn)
 COMPILED = os.environ.get("TRITON_INTERPRET") != "1"  # not in Triton's interpreter
 HARDWARE_TANH = tl.constexpr(COMPILED)
 # Parameters' defaults, as ACTIVATIONS applies them (Clip has no defaults: it needs both).
@@ -161,4 +167,22 @@ def dequantize_epilogue(
     if HAS_RESIDUAL:
         if RESIDUAL_AFTER:
             y = y + residual
+    return y
+
+
+def quantizes_output(out_dtype: torch.dtype, out_scale: float) -> bool:
+    """Whether a kernel writing ``out_dtype`` quantizes its output (with ``out_scale``)."""
+    if out_dtype not in QUANTIZED_OUTPUTS:
+        return False
+    if not out_scale > 0:
+        raise ValueError(f"a quantized {out_dtype} output needs a positive out_scale, not {out_scale}")
+    return True
+
+
+@triton.jit
+def output_values(y, out_scale, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr):
+    """The epilogue's float32 values as the output stores them: quantized with ``out_scale``
+    (int8 with zero point 0, or float8_e4m3fn) when the layer hands its output over quantized."""
+    if QUANTIZED_OUT:
+        y = quantize_values(y, out_scale, 0.0, INT8_LOW, INT8_HIGH, FLOAT8_OUT)
     return y

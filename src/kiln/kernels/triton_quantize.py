@@ -74,7 +74,7 @@ def _divide(v, scale, reciprocal):
 
 
 @triton.jit
-def _to_storage(v, scale, zero_point, low, high, FLOAT8: tl.constexpr):
+def quantize_values(v, scale, zero_point, low, high, FLOAT8: tl.constexpr):
     """``v / scale`` quantized: float8_e4m3fn, or int8 holding ``round(v / scale) + zero_point``
     saturated to ``[low, high]``."""
     scaled = _divide(v, scale, tl.math.div_rn(1.0, scale))
@@ -118,11 +118,11 @@ def quantize_rows_dynamic_kernel(
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), largest)
     tl.store(scale_ptr + row, scale)
     if SINGLE_PASS:
-        tl.store(q_row + cols, _to_storage(v, scale, 0.0, INT8_LOW, INT8_HIGH, FLOAT8), mask=cols < K)
+        tl.store(q_row + cols, quantize_values(v, scale, 0.0, INT8_LOW, INT8_HIGH, FLOAT8), mask=cols < K)
     else:
         for start in range(0, K, BLOCK_K):
             v = _load_row_chunk(x_row, smooth_ptr, start + cols, K, SMOOTH)
-            q = _to_storage(v, scale, 0.0, INT8_LOW, INT8_HIGH, FLOAT8)
+            q = quantize_values(v, scale, 0.0, INT8_LOW, INT8_HIGH, FLOAT8)
             tl.store(q_row + start + cols, q, mask=start + cols < K)
 
 
@@ -135,7 +135,7 @@ def quantize_rows_static_kernel(
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     v = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-    q = _to_storage(v.to(tl.float32), scale, zero_point, low, high, FLOAT8)
+    q = quantize_values(v.to(tl.float32), scale, zero_point, low, high, FLOAT8)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
 
 

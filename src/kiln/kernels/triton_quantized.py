@@ -10,13 +10,17 @@ quantized channels-last in one pass, then an implicit-GEMM convolution with the 
 (:mod:`kiln.kernels.triton_quantized_conv`), its output channels-last; a 1x1 window at stride 1
 without padding runs as the GEMM over the pixels (with its TMA kernel on Hopper).
 
+Either takes its input already quantized when the layer before hands it over, skipping the
+quantization pass, and writes its output quantized when it hands it on
+(:mod:`kiln.passes.quantized_handoff`).
+
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
 specs are never timed (integer weights), so the catalog puts them first, where the untimed default
-is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 3.75 ms with them
+is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 3.6 ms with them
 against 26.5 ms with the cuBLASLt int8 choice and float32 quantization passes, INT8 ResNet-50
-5.1 ms against 28.5 ms (fp16: 3.5 and 2.4 ms). They need Triton and a GPU with 8-bit tensor cores; FP8 needs compute
-capability 8.9.
+2.8 ms against 28.5 ms (fp16: 3.4 and 2.4 ms). They need Triton and a GPU with 8-bit tensor
+cores; FP8 needs compute capability 8.9.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from kiln.kernels.int8_gemm import (
 )
 from kiln.ops.activation import KILN
 from kiln.ops.conv import resolve_pads, spans_of
-from kiln.ops.quantized import FLOAT8E4M3FN, INT8, UINT8
+from kiln.ops.quantized import (
+    ACTIVATION_DTYPES, FLOAT8E4M3FN, INT8, UINT8, output_dtype, quantized_input,
+)
 from kiln.ops.registry import OpImpl
 
 if TYPE_CHECKING:
@@ -41,11 +47,13 @@ if TYPE_CHECKING:
 
 
 def _quantized_types(spec: KernelSpec, device: str) -> bool:
-    """A float activation on CUDA with int8 weights for INT8/UINT8, fp8 ones for FLOAT8E4M3FN."""
+    """On CUDA, a float activation (or one a producer quantized, INT8 or FLOAT8E4M3FN) with int8
+    weights for INT8/UINT8, fp8 ones for FLOAT8E4M3FN."""
     dtypes = input_dtypes(spec)
-    if device != "cuda" or dtypes[0] not in FLOAT_TYPES or len(dtypes) < 3:
-        return False
     x_type = attributes_of(spec).get("x_type", INT8)
+    handed_over = dtypes[0] == x_type and x_type in (INT8, FLOAT8E4M3FN)
+    if device != "cuda" or not (dtypes[0] in FLOAT_TYPES or handed_over) or len(dtypes) < 3:
+        return False
     if x_type in (INT8, UINT8):
         return dtypes[1] == INT8
     return x_type == FLOAT8E4M3FN and dtypes[1] == FLOAT8E4M3FN and fp8_tensor_cores()
@@ -74,13 +82,17 @@ class TritonQuantizedMatMulChoice(Choice):
 
         def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, *, x_scale=0.0,
                 x_zero_point=0, x_type=INT8, dynamic=0, activation="", activation_params=None,
-                residual_after_activation=0, **_same_as_reference):
+                residual_after_activation=0, y_type=0, y_scale=0.0, float_type=0,
+                **_same_as_reference):
             k, n = w_q.shape
             w_cols = column_major(w_q)
             float8 = x_type == FLOAT8E4M3FN
             rows = x.reshape(-1, k)
             zero_point8 = 0
-            if dynamic:
+            if quantized_input(x, x_type):
+                q, scale = rows.contiguous(), x_scale
+                zero_point8 = 0 if float8 else x_zero_point
+            elif dynamic:
                 q, scale = quantize_rows_dynamic(rows, x_inverse_smooth, float8)
             else:
                 if x_inverse_smooth is not None:
@@ -93,7 +105,8 @@ class TritonQuantizedMatMulChoice(Choice):
             y = quantized_gemm(
                 q, w_cols, scale, w_scale.to(torch.float32), zero_point=zero_point8, colsum=colsum,
                 bias=bias, residual=residual, residual_after_activation=residual_after_activation,
-                activation=activation, activation_params=activation_params, out_dtype=x.dtype,
+                activation=activation, activation_params=activation_params,
+                **_output(x, x_type, float_type, y_type, y_scale),
             )
             return y.reshape(*x.shape[:-1], n)
 
@@ -130,8 +143,8 @@ class TritonQuantizedConvChoice(Choice):
 
         def run(x, w_q, w_scale, bias=None, residual=None, *, x_scale, x_zero_point=0,
                 x_type=INT8, auto_pad="NOTSET", dilations=None, pads=None, strides=None,
-                activation="", activation_params=None, residual_after_activation=0,
-                **_same_as_reference):
+                activation="", activation_params=None, residual_after_activation=0, y_type=0,
+                y_scale=0.0, float_type=0, **_same_as_reference):
             batch, channels, height, width = x.shape
             kernel = list(w_q.shape[2:])
             dilations = list(dilations or [1, 1])
@@ -142,28 +155,41 @@ class TritonQuantizedConvChoice(Choice):
                            for size, b, e, span, stride in zip([height, width], begin, end, spans, strides)]
             float8 = x_type == FLOAT8E4M3FN
             pixels = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-            q, zero_point8 = quantize_rows_static(
-                pixels.reshape(-1, channels), x_scale, x_zero_point, x_type, float8
-            )
+            if quantized_input(x, x_type):
+                q, zero_point8 = pixels.reshape(-1, channels), 0 if float8 else x_zero_point
+            else:
+                q, zero_point8 = quantize_rows_static(
+                    pixels.reshape(-1, channels), x_scale, x_zero_point, x_type, float8
+                )
             colsum = sums.of(w_q) if zero_point8 else None
+            output = _output(x, x_type, float_type, y_type, y_scale)
             if kernel == [1, 1] and strides == [1, 1] and not any(begin) and not any(end):
                 return _pixel_gemm(
                     q, w_q, x_scale, w_scale, colsum, zero_point8, bias, residual,
-                    residual_after_activation, activation, activation_params, x,
+                    residual_after_activation, activation, activation_params, x, output,
                 )
             return quantized_conv2d(
                 q.view(batch, height, width, channels), w_q, x_scale, w_scale.to(torch.float32),
                 strides=strides, pads=begin, dilations=dilations, output_size=output_size,
                 zero_point=zero_point8, colsum=colsum, bias=bias, residual=residual,
                 residual_after_activation=residual_after_activation, activation=activation,
-                activation_params=activation_params, out_dtype=x.dtype,
+                activation_params=activation_params, **output,
             )
 
         return Launch(with_fn(reference, run), {1: prepare})
 
 
+def _output(x: torch.Tensor, x_type: int, float_type: int, y_type: int, y_scale: float
+            ) -> dict[str, Any]:
+    """The kernels' ``out_dtype`` and ``out_scale`` for a layer's output (see
+    :mod:`kiln.ops.quantized`): its float type, or the next layer's quantized one."""
+    if y_type:
+        return {"out_dtype": ACTIVATION_DTYPES[y_type], "out_scale": y_scale}
+    return {"out_dtype": output_dtype(x, x_type, float_type)}
+
+
 def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,
-                residual_after_activation, activation, activation_params, x):
+                residual_after_activation, activation, activation_params, x, output):
     """A 1x1 convolution at stride 1 without padding: the quantized GEMM over the pixels' rows,
     its output channels-last. The channels-last weight [O, C, 1, 1] is the GEMM's [C, O] weight
     laid out column by column."""
@@ -178,6 +204,6 @@ def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,
         q, w_q.reshape(out_channels, channels).t(), x_scale, w_scale.to(torch.float32),
         zero_point=zero_point, colsum=colsum, bias=bias, residual=residual,
         residual_after_activation=residual_after_activation, activation=activation,
-        activation_params=activation_params, out_dtype=x.dtype,
+        activation_params=activation_params, **output,
     )
     return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)

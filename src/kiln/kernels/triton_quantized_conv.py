@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_epilogue import activation_arguments, dequantize_epilogue
+from kiln.kernels.triton_epilogue import activation_arguments, dequantize_epilogue, output_values, quantizes_output
 
 FEW_CHANNELS = 32  # below this many input channels the window is walked flattened
 
@@ -74,10 +74,10 @@ def quantized_conv2d_kernel(
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_rn, stride_ro, stride_rh, stride_rw, w_scale_stride,
-    x_scale, zero_point, p0, p1,
+    x_scale, zero_point, p0, p1, out_scale,
     FLOAT8: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
-    FLATTENED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr, FLATTENED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # Column blocks vary fastest: the programs running together share their input pixels.
@@ -163,6 +163,7 @@ def quantized_conv2d_kernel(
         colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
         False, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
+    y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * O + offs_n[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -174,14 +175,15 @@ def quantized_conv2d(
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     residual_after_activation: int = 0, activation: str = "",
     activation_params: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float16,
-    config: ConvConfig | None = None,
+    out_scale: float = 0.0, config: ConvConfig | None = None,
 ) -> torch.Tensor:
     """The layer's output [N, O, OH, OW] (channels-last, ``out_dtype``) from the quantized input
     ``xq`` [N, H, W, C] (int8 or float8_e4m3fn, contiguous) and weight ``w_q`` [O, C, KH, KW]
     (same dtype, any strides; channels-last reads fastest). ``pads`` are the padding before each
     spatial axis (what is after follows from ``output_size``); ``colsum`` (int32 [O], the
     weight's sums over its window) is needed with a nonzero ``zero_point``; ``residual`` is
-    broadcastable to the output."""
+    broadcastable to the output. An int8 or float8_e4m3fn ``out_dtype`` quantizes the output
+    with ``out_scale`` (zero point 0), for the next layer."""
     batch, height, width, channels = xq.shape
     out_channels, in_channels, kernel_h, kernel_w = w_q.shape
     if in_channels != channels or not xq.is_contiguous():
@@ -197,6 +199,7 @@ def quantized_conv2d(
     pixels = batch * out_h * out_w
     if pixels == 0 or out_channels == 0:
         return out
+    quantized_out = quantizes_output(out_dtype, out_scale)
     code, p0, p1 = activation_arguments(activation, activation_params, out_dtype)
     w_scale = w_scale.reshape(-1)
     if residual is not None:
@@ -211,11 +214,11 @@ def quantized_conv2d(
         batch, height, width, channels, out_channels, out_h, out_w, kernel_h, kernel_w,
         strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1],
         w_q.stride(0), w_q.stride(1), w_q.stride(2), w_q.stride(3), *residual_strides,
-        1 if w_scale.numel() > 1 else 0, float(x_scale), int(zero_point), p0, p1,
+        1 if w_scale.numel() > 1 else 0, float(x_scale), int(zero_point), p0, p1, float(out_scale),
         FLOAT8=float8, ZERO_POINT=bool(zero_point),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=code,
-        FLATTENED=channels < FEW_CHANNELS, EVEN_C=channels % cfg.block_k == 0,
+        QUANTIZED_OUT=quantized_out, FLOAT8_OUT=out_dtype == torch.float8_e4m3fn, FLATTENED=channels < FEW_CHANNELS, EVEN_C=channels % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

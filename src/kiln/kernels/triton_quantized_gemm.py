@@ -26,12 +26,15 @@ K a multiple of BLOCK_K (``EVEN_K``) compiles a loop without masks.
 
 On Hopper, from 128 rows, with 16-byte aligned rows: :func:`quantized_gemm_tma_kernel`, whose
 operand tiles arrive by the tensor memory accelerator (TMA) and whose output leaves by it, in two
-half tiles. One program per multiprocessor walks the tiles. With the 16-bit GELU epilogue
-(:mod:`kiln.kernels.triton_epilogue`) it took, on an H100 (M=8192, + bias, fp16 out, CUDA graphs;
-ms, int8 / fp8 / cuBLASLt fp16 with its own epilogue): K=768 N=3072 + GELU 0.058 / 0.068 / 0.072
-(the pointer-load kernel with erf GELU: 0.092 / 0.094), K=768 N=2304 0.042 / 0.047 / 0.049,
-K=3072 N=768 0.045 / 0.047 / 0.055. int8 takes 128x256 tiles, fp8 128x128 (its wider tiles were
-slower).
+half tiles. Persistent programs walk the tiles, two or three per multiprocessor, with 128x128
+tiles for one warpgroup (:func:`tma_config`): one program's loads overlap another's epilogue,
+which one 128x256 tile of two warpgroups per multiprocessor could not do. On an H100 (CUDA graphs,
++ bias + ReLU, fp16 out; int8 ms, one 128x256 program per SM -> these tiles; cuBLAS fp16 without
+an epilogue): M=8192 K=768 N=2304 0.041 -> 0.034 (0.047), K=768 N=3072 0.048 -> 0.041 (0.060),
+K=768 N=768 + residual 0.030 -> 0.018 (0.016), K=3072 N=768 + residual 0.061 -> 0.050 (0.054);
+ResNet-50's 33 1x1 convolutions at batch 64 as GEMMs over pixels, weighted by count, 1.44 ->
+0.95 ms (cuBLAS fp16 0.84). A residual's change of layout takes shared memory: its tiles are 64
+deep, so that two programs still fit. Sums of fp8 products use the same tiles.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kiln.kernels.triton_epilogue import COMPILED, activation_arguments, dequantize_epilogue
+from kiln.kernels.triton_epilogue import (
+    COMPILED, activation_arguments, dequantize_epilogue, output_values, quantizes_output,
+)
 
 TMA_ALIGNMENT = 16  # bytes: a tensor descriptor's base address and row pitch
 TMA_MIN_ROWS = 128
@@ -71,10 +76,8 @@ def gemm_config(m: int, n: int, k: int, float8: bool) -> GemmConfig:
 
 
 def tma_config(n: int, k: int, residual: bool) -> GemmConfig:
-    """Tile sizes for :func:`quantized_gemm_tma_kernel` (BLOCK_K at least the MMA's 32): one
-    warpgroup per 128x128 tile, two or three programs per multiprocessor, so that one's loads
-    overlap another's epilogue (the module's docstring has the measurements). A residual's
-    layout change takes shared memory: its tiles go 64 deep to keep two programs per SM."""
+    """Tile sizes for :func:`quantized_gemm_tma_kernel` (BLOCK_K at least the MMA's 32; the
+    module's docstring has the measurements)."""
     depth = min(128, max(32, triton.next_power_of_2(k)))
     if n <= 64:
         return GemmConfig(128, 64, depth, 8, 4, 3, 3)
@@ -97,7 +100,7 @@ def _tile_position(tile, blocks_m, blocks_n, GROUP_M: tl.constexpr):
 def _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn):
     # From the tile's own offsets (the load is masked): clamped ones would hide from the compiler
     # that a row's elements are contiguous, and the residual would load an element at a time
-    # (8x slower at ResNet-50's 1x1 64->256 convolution, batch 64, on an H100).
+    # (ResNet-50's 1x1 64->256 convolution with its residual, batch 64, H100: 0.408 -> 0.137 ms).
     return residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
 
 
@@ -105,10 +108,11 @@ def _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn):
 def quantized_gemm_kernel(
     a_ptr, b_ptr, c_ptr, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
     M, N, K, stride_am, stride_bk, stride_bn, stride_cm, stride_rm, stride_rn, w_scale_stride,
-    x_scale, zero_point, p0, p1,
+    x_scale, zero_point, p0, p1, out_scale,
     FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = _tile_position(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -148,6 +152,7 @@ def quantized_gemm_kernel(
         colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
         ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
+    y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -155,10 +160,11 @@ def quantized_gemm_kernel(
 @triton.jit
 def quantized_gemm_tma_kernel(
     a_desc, b_desc, c_desc, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
-    M, N, K, stride_rm, stride_rn, w_scale_stride, x_scale, zero_point, p0, p1,
+    M, N, K, stride_rm, stride_rn, w_scale_stride, x_scale, zero_point, p0, p1, out_scale,
     FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
     blocks_m = tl.cdiv(M, BLOCK_M)
@@ -186,7 +192,8 @@ def quantized_gemm_tma_kernel(
             acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
             colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
             ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
-        ).to(c_desc.dtype)
+        )
+        y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT).to(c_desc.dtype)
         # Stored in two halves (rows past M are not written): half the staging memory.
         left, right = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], left)
@@ -210,13 +217,15 @@ def quantized_gemm(
     *, zero_point: int = 0, colsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None, residual_after_activation: int = 0,
     activation: str = "", activation_params: Sequence[float] | None = None,
-    out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
+    out_dtype: torch.dtype = torch.float16, out_scale: float = 0.0,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """The layer's output [M, N] in ``out_dtype`` from quantized rows ``a`` [M, K] (int8 or
     float8_e4m3fn, contiguous along K) and the weight ``w_cols`` [K, N] (the same dtype, contiguous
     along K). ``x_scale`` is one number or float32 [M] row scales; ``colsum`` (int32 [N], the
     weight's column sums) is needed with a nonzero ``zero_point``; ``residual`` is [M, N], any
-    strides (0 to broadcast)."""
+    strides (0 to broadcast). An int8 or float8_e4m3fn ``out_dtype`` quantizes the output with
+    ``out_scale`` (zero point 0), for the next layer."""
     m, k = a.shape
     n = w_cols.shape[1]
     if w_cols.shape[0] != k or a.stride(1) != 1 or w_cols.stride(0) != 1:
@@ -230,6 +239,7 @@ def quantized_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
+    quantized_out = quantizes_output(out_dtype, out_scale)
     code, p0, p1 = activation_arguments(activation, activation_params, out_dtype)
     row_scales = isinstance(x_scale, torch.Tensor)
     w_scale = w_scale.reshape(-1)
@@ -243,9 +253,11 @@ def quantized_gemm(
         FLOAT8=float8, ROW_SCALES=row_scales, ZERO_POINT=bool(zero_point),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=code,
+        QUANTIZED_OUT=quantized_out, FLOAT8_OUT=out_dtype == torch.float8_e4m3fn,
     )
     residual_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
-    scalars = (1 if w_scale.numel() > 1 else 0, 0.0 if row_scales else float(x_scale), int(zero_point), p0, p1)
+    scalars = (1 if w_scale.numel() > 1 else 0, 0.0 if row_scales else float(x_scale), int(zero_point),
+               p0, p1, float(out_scale))
     if config is None and _takes_tma(a, w_cols, out):
         cfg = tma_config(n, k, residual is not None)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)

@@ -17,6 +17,14 @@ moving activation outliers into the weight), and an attribute ``dynamic`` (defau
 each row of the activation with its own scale, its abs-max over 127 (int8) or 448 (fp8), zero
 point 0, instead of ``x_scale``.
 
+Quantized layers hand their output to the next one already quantized
+(:class:`~kiln.passes.quantized_handoff.HandOffQuantized`): with ``y_type`` (INT8 or FLOAT8E4M3FN;
+0, the default, writes the float output) a layer's output is ``quantize_activation(y, y_scale, 0,
+y_type)``, int8 or float8_e4m3fn values computed from the float32 result, and a layer whose ``x``
+comes in those values reads them as ``x_dq = dequantize_activation(x, x_scale, x_zero_point)``
+(static scales only: no ``dynamic``, no smoothing); its float output is then of
+``float_type`` (an ONNX element type), not x's.
+
 Attributes: ``x_scale`` (float, required unless ``dynamic``), ``x_zero_point`` (int, default 0; FLOAT8E4M3FN takes
 none: it is ignored there), ``x_type`` (the ONNX element type the activation is quantized to: 3
 INT8, 2 UINT8, 17 FLOAT8E4M3FN; default INT8), the epilogue's ``activation``,
@@ -51,6 +59,7 @@ from onnx import TensorProto
 
 from kiln.ops.activation import KILN, apply_epilogue
 from kiln.ops.conv import conv
+from kiln.ops.dtypes import torch_dtype
 from kiln.ops.registry import register
 
 INT8 = TensorProto.INT8  # 3
@@ -154,8 +163,27 @@ def matmul_activation(
     return values, row_scales(values, x_type) if dynamic else x_scale
 
 
-def _finish(y, residual, activation, activation_params, residual_after_activation, dtype):
+def quantized_input(x: torch.Tensor, x_type: int) -> bool:
+    """Whether a quantized layer's ``x`` comes quantized (a producer's ``y_type``), not in float."""
+    _check_type(x_type)
+    if x.dtype.is_floating_point and x.dtype != torch.float8_e4m3fn:
+        return False
+    if x.dtype != ACTIVATION_DTYPES[x_type]:
+        raise ValueError(f"a quantized layer's x of x_type {x_type} comes as {ACTIVATION_DTYPES[x_type]}, "
+                         f"not {x.dtype}")
+    return True
+
+
+def output_dtype(x: torch.Tensor, x_type: int, float_type: int) -> torch.dtype:
+    """The float type of a quantized layer's output: x's, or ``float_type`` when x comes quantized."""
+    return torch_dtype(float_type or TensorProto.FLOAT) if quantized_input(x, x_type) else x.dtype
+
+
+def _finish(y, residual, activation, activation_params, residual_after_activation, dtype,
+            y_type, y_scale):
     y = apply_epilogue(y, residual, activation, activation_params, residual_after_activation)
+    if y_type:
+        return quantize_activation(y, y_scale, 0, y_type)
     return y.to(dtype)
 
 
@@ -166,14 +194,21 @@ def quantized_matmul(
     x_inverse_smooth: torch.Tensor | None = None,
     *, x_scale: float = 0.0, x_zero_point: int = 0, x_type: int = INT8, dynamic: int = 0,
     activation: str = "", activation_params: list[float] | None = None,
-    residual_after_activation: int = 0,
+    residual_after_activation: int = 0, y_type: int = 0, y_scale: float = 0.0, float_type: int = 0,
 ) -> torch.Tensor:
-    values, scale = matmul_activation(x, x_inverse_smooth, x_scale, x_type, dynamic)
-    x_dq = fake_quantize_activation(values, scale, 0 if dynamic else x_zero_point, x_type)
+    if quantized_input(x, x_type):
+        if dynamic or x_inverse_smooth is not None:
+            raise ValueError("a QuantizedMatMul whose x comes quantized takes no dynamic scales "
+                             "and no smoothing")
+        x_dq = dequantize_activation(x, x_scale, 0 if x_type == FLOAT8E4M3FN else x_zero_point)
+    else:
+        values, scale = matmul_activation(x, x_inverse_smooth, x_scale, x_type, dynamic)
+        x_dq = fake_quantize_activation(values, scale, 0 if dynamic else x_zero_point, x_type)
     y = torch.matmul(x_dq, dequantize_weight(w_q, w_scale, axis=-1))
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return _finish(y, residual, activation, activation_params, residual_after_activation, x.dtype)
+    return _finish(y, residual, activation, activation_params, residual_after_activation,
+                   output_dtype(x, x_type, float_type), y_type, y_scale)
 
 
 @register("QuantizedConv", domain=KILN)
@@ -185,9 +220,14 @@ def quantized_conv(
     kernel_shape: list[int] | None = None, pads: list[int] | None = None,
     strides: list[int] | None = None, activation: str = "",
     activation_params: list[float] | None = None, residual_after_activation: int = 0,
+    y_type: int = 0, y_scale: float = 0.0, float_type: int = 0,
 ) -> torch.Tensor:
-    x_dq = fake_quantize_activation(x, x_scale, x_zero_point, x_type)
+    if quantized_input(x, x_type):
+        x_dq = dequantize_activation(x, x_scale, 0 if x_type == FLOAT8E4M3FN else x_zero_point)
+    else:
+        x_dq = fake_quantize_activation(x, x_scale, x_zero_point, x_type)
     w = dequantize_weight(w_q, w_scale, axis=0)
     y = conv(x_dq, w, None if bias is None else bias.to(torch.float32), auto_pad=auto_pad,
              dilations=dilations, group=group, kernel_shape=kernel_shape, pads=pads, strides=strides)
-    return _finish(y, residual, activation, activation_params, residual_after_activation, x.dtype)
+    return _finish(y, residual, activation, activation_params, residual_after_activation,
+                   output_dtype(x, x_type, float_type), y_type, y_scale)

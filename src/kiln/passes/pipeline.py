@@ -15,7 +15,8 @@ From level 1, the model's own QuantizeLinear/DequantizeLinear pairs are read int
 and fp8 policies those ``calibrate`` measures. Under a reduced precision policy (fp16, bf16;
 ``rest_precision`` for the layers int8/fp8 left in float) every level ends with
 :class:`ReducePrecision` (after shape inference at level 0, which has none of its own: the pass
-reads value types).
+reads value types). Last, :class:`HandOffQuantized` lets quantized layers pass their outputs
+quantized to the quantized layers that alone read them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kiln.passes.fuse_pointwise import group_pointwise
 from kiln.passes.merge_products import MergeSiblingProducts
 from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
 from kiln.passes.quantize import FORMATS, Calibrate, QuantizeLayers, ReadQuantization
+from kiln.passes.quantized_handoff import HandOffQuantized
 from kiln.passes.shapes import InferShapes
 from kiln.passes.simplify import simplify
 from kiln.passes.split_sequence import split_sequence
@@ -57,11 +59,13 @@ def cleanup() -> list[GraphPass]:
 
 def passes_for(
     opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None,
-    calibrate: Calibrate | None = None, rest_precision: str = "fp32",
+    calibrate: Calibrate | None = None, rest_precision: str = "fp32", float_outputs: bool = False,
 ) -> list[GraphPass]:
     """Fresh instances of the passes of ``opt_level`` and ``precision``, in order; ``pinned``
     names the layers kept in fp32; ``calibrate`` measures activation ranges for int8/fp8;
-    ``rest_precision`` is what int8/fp8 builds run their unquantized layers in."""
+    ``rest_precision`` is what int8/fp8 builds run their unquantized layers in;
+    ``float_outputs`` keeps every layer's output in float (no quantized hand-off), for builds
+    that expose them all."""
     passes = cleanup()
     if opt_level >= 1:
         passes.append(ReadQuantization())  # before folding turns the weights' DQs into floats
@@ -82,6 +86,8 @@ def passes_for(
     reduced = precision if precision in REDUCED_TYPES else rest_precision if precision in FORMATS else None
     if reduced in REDUCED_TYPES:
         passes.append(ReducePrecision(reduced, pinned))
+    if (opt_level >= 1 or precision in FORMATS) and not float_outputs:
+        passes.append(HandOffQuantized())
     return passes
 
 
@@ -102,12 +108,12 @@ def count_nodes(model: ir.Model) -> int:
 
 def optimize(
     model: ir.Model, opt_level: int, precision: str = "fp32", pinned: Mapping[str, str] | None = None,
-    calibrate: Calibrate | None = None, rest_precision: str = "fp32",
+    calibrate: Calibrate | None = None, rest_precision: str = "fp32", float_outputs: bool = False,
 ) -> tuple[ir.Model, list[PassRecord]]:
     """Run the passes of ``opt_level`` and ``precision`` (see :func:`passes_for`) on ``model``;
     return the result and a record per pass."""
     records = []
-    for graph_pass in passes_for(opt_level, precision, pinned, calibrate, rest_precision):
+    for graph_pass in passes_for(opt_level, precision, pinned, calibrate, rest_precision, float_outputs):
         before = count_nodes(model)
         start = time.perf_counter()
         try:
