@@ -254,20 +254,24 @@ def _check_convolution(shape, x_type, zero_point, config=None):
 
 @pytest.mark.parametrize("y_type", [ops.INT8, FP8])
 def test_convolution_takes_and_hands_over_quantized_values(y_type):
-    """A convolution reading int8 values a producer quantized (no quantization pass of its own)
-    and writing its output quantized for the next layer, channels-last."""
+    """A convolution reading int8 values a producer quantized (no quantization pass of its own),
+    adding an int8 residual, and writing its output quantized for the next layer, channels-last."""
     g = _generator(11)
     xq = torch.randint(-127, 128, (2, 40, 6, 7), generator=g, dtype=torch.int8)
     xq = xq.contiguous(memory_format=torch.channels_last)
     w_q = _weight(24 * 40 * 9, 1, False, seed=12).reshape(24, 40, 3, 3)
     w_scale = torch.rand(24, generator=g) * 0.004 + 0.001
+    residual = torch.randint(-127, 128, (2, 24, 6, 7), generator=g, dtype=torch.int8)
+    residual = residual.contiguous(memory_format=torch.channels_last)
     attributes = dict(x_scale=0.03, x_type=ops.INT8, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                      activation="Relu", y_type=y_type, y_scale=0.02, float_type=10)
-    expected = ops.quantized_conv(xq, w_q, w_scale, **attributes)
+                      activation="Relu", y_type=y_type, y_scale=0.02, float_type=10,
+                      residual_scale=0.004)
+    expected = ops.quantized_conv(xq, w_q, w_scale, None, residual, **attributes)
     got = triton_quantized_conv.quantized_conv2d(
         xq.permute(0, 2, 3, 1), w_q.contiguous(memory_format=torch.channels_last), 0.03, w_scale,
-        strides=[1, 1], pads=[1, 1], dilations=[1, 1], output_size=[6, 7], activation="Relu",
-        out_dtype=ops.ACTIVATION_DTYPES[y_type], out_scale=0.02,
+        strides=[1, 1], pads=[1, 1], dilations=[1, 1], output_size=[6, 7], residual=residual,
+        activation="Relu", out_dtype=ops.ACTIVATION_DTYPES[y_type], out_scale=0.02,
+        residual_scale=0.004,
     )
     assert got.is_contiguous(memory_format=torch.channels_last)
     _same_quantized(got, expected)

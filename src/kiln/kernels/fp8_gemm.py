@@ -59,7 +59,9 @@ class CublasLtFp8GemmChoice(Choice):
             and dtypes[0] in FLOAT_TYPES
             and len(dtypes) > 2 and dtypes[1] == FLOAT8E4M3FN
             and attributes_of(spec).get("x_type") == FLOAT8E4M3FN
-            and not attributes_of(spec).get("y_type", 0)  # a quantized output: Triton's epilogue
+            # 8-bit values handed over, out or in as a residual: Triton's epilogue
+            and not attributes_of(spec).get("y_type", 0)
+            and not attributes_of(spec).get("residual_scale", 0.0)
         ):
             return False
         weight = spec.input_types[1].shape

@@ -100,7 +100,8 @@ def _integer_activation(spec: KernelSpec, device: str) -> bool:
         and dtypes[0] in FLOAT_TYPES
         and len(dtypes) > 2 and dtypes[1] == INT8
         and attributes.get("x_type", INT8) in (INT8, UINT8)
-        and not attributes.get("y_type", 0)  # the output handed over quantized: Triton's epilogue
+        # 8-bit values handed over, out or in as a residual: Triton's epilogue
+        and not attributes.get("y_type", 0) and not attributes.get("residual_scale", 0.0)
     )
 
 

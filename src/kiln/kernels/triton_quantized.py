@@ -17,9 +17,9 @@ quantization pass, and writes its output quantized when it hands it on
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
 specs are never timed (integer weights), so the catalog puts them first, where the untimed default
-is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 3.6 ms with them
+is taken. On an H100 (``benchmarks/precisions.py``, batch 64) INT8 BERT-base took 3.5 ms with them
 against 26.5 ms with the cuBLASLt int8 choice and float32 quantization passes, INT8 ResNet-50
-2.8 ms against 28.5 ms (fp16: 3.4 and 2.4 ms). They need Triton and a GPU with 8-bit tensor
+2.5 ms against 28.5 ms (fp16: 3.4 and 2.4 ms). They need Triton and a GPU with 8-bit tensor
 cores; FP8 needs compute capability 8.9.
 """
 
@@ -83,7 +83,7 @@ class TritonQuantizedMatMulChoice(Choice):
         def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, *, x_scale=0.0,
                 x_zero_point=0, x_type=INT8, dynamic=0, activation="", activation_params=None,
                 residual_after_activation=0, y_type=0, y_scale=0.0, float_type=0,
-                **_same_as_reference):
+                residual_scale=0.0, **_same_as_reference):
             k, n = w_q.shape
             w_cols = column_major(w_q)
             float8 = x_type == FLOAT8E4M3FN
@@ -106,7 +106,7 @@ class TritonQuantizedMatMulChoice(Choice):
                 q, w_cols, scale, w_scale.to(torch.float32), zero_point=zero_point8, colsum=colsum,
                 bias=bias, residual=residual, residual_after_activation=residual_after_activation,
                 activation=activation, activation_params=activation_params,
-                **_output(x, x_type, float_type, y_type, y_scale),
+                **_output(x, x_type, float_type, y_type, y_scale, residual_scale),
             )
             return y.reshape(*x.shape[:-1], n)
 
@@ -144,7 +144,7 @@ class TritonQuantizedConvChoice(Choice):
         def run(x, w_q, w_scale, bias=None, residual=None, *, x_scale, x_zero_point=0,
                 x_type=INT8, auto_pad="NOTSET", dilations=None, pads=None, strides=None,
                 activation="", activation_params=None, residual_after_activation=0, y_type=0,
-                y_scale=0.0, float_type=0, **_same_as_reference):
+                y_scale=0.0, float_type=0, residual_scale=0.0, **_same_as_reference):
             batch, channels, height, width = x.shape
             kernel = list(w_q.shape[2:])
             dilations = list(dilations or [1, 1])
@@ -162,7 +162,7 @@ class TritonQuantizedConvChoice(Choice):
                     pixels.reshape(-1, channels), x_scale, x_zero_point, x_type, float8
                 )
             colsum = sums.of(w_q) if zero_point8 else None
-            output = _output(x, x_type, float_type, y_type, y_scale)
+            output = _output(x, x_type, float_type, y_type, y_scale, residual_scale)
             if kernel == [1, 1] and strides == [1, 1] and not any(begin) and not any(end):
                 return _pixel_gemm(
                     q, w_q, x_scale, w_scale, colsum, zero_point8, bias, residual,
@@ -179,13 +179,14 @@ class TritonQuantizedConvChoice(Choice):
         return Launch(with_fn(reference, run), {1: prepare})
 
 
-def _output(x: torch.Tensor, x_type: int, float_type: int, y_type: int, y_scale: float
-            ) -> dict[str, Any]:
-    """The kernels' ``out_dtype`` and ``out_scale`` for a layer's output (see
+def _output(x: torch.Tensor, x_type: int, float_type: int, y_type: int, y_scale: float,
+            residual_scale: float) -> dict[str, Any]:
+    """The kernels' ``out_dtype``, ``out_scale`` and ``residual_scale`` for a layer's output (see
     :mod:`kiln.ops.quantized`): its float type, or the next layer's quantized one."""
+    handed = {"residual_scale": residual_scale or 1.0}
     if y_type:
-        return {"out_dtype": ACTIVATION_DTYPES[y_type], "out_scale": y_scale}
-    return {"out_dtype": output_dtype(x, x_type, float_type)}
+        return {**handed, "out_dtype": ACTIVATION_DTYPES[y_type], "out_scale": y_scale}
+    return {**handed, "out_dtype": output_dtype(x, x_type, float_type)}
 
 
 def _pixel_gemm(q, w_q, x_scale, w_scale, colsum, zero_point, bias, residual,

@@ -74,7 +74,7 @@ def quantized_conv2d_kernel(
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_rn, stride_ro, stride_rh, stride_rw, w_scale_stride,
-    x_scale, zero_point, p0, p1, out_scale,
+    x_scale, zero_point, p0, p1, out_scale, residual_scale,
     FLOAT8: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
     QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr, FLATTENED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -160,7 +160,7 @@ def quantized_conv2d_kernel(
                                      + ow * stride_rw)[:, None] + offs_n[None, :] * stride_ro)
     y = dequantize_epilogue(
         acc, offs_m, offs_n, mask_m, mask_n, w_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-        colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
+        colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
         False, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
     y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)
@@ -175,15 +175,16 @@ def quantized_conv2d(
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
     residual_after_activation: int = 0, activation: str = "",
     activation_params: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float16,
-    out_scale: float = 0.0, config: ConvConfig | None = None,
+    out_scale: float = 0.0, residual_scale: float = 1.0, config: ConvConfig | None = None,
 ) -> torch.Tensor:
     """The layer's output [N, O, OH, OW] (channels-last, ``out_dtype``) from the quantized input
     ``xq`` [N, H, W, C] (int8 or float8_e4m3fn, contiguous) and weight ``w_q`` [O, C, KH, KW]
     (same dtype, any strides; channels-last reads fastest). ``pads`` are the padding before each
     spatial axis (what is after follows from ``output_size``); ``colsum`` (int32 [O], the
     weight's sums over its window) is needed with a nonzero ``zero_point``; ``residual`` is
-    broadcastable to the output. An int8 or float8_e4m3fn ``out_dtype`` quantizes the output
-    with ``out_scale`` (zero point 0), for the next layer."""
+    broadcastable to the output, float or 8-bit values times ``residual_scale``. An int8 or
+    float8_e4m3fn ``out_dtype`` quantizes the output with ``out_scale`` (zero point 0), for the
+    next layer."""
     batch, height, width, channels = xq.shape
     out_channels, in_channels, kernel_h, kernel_w = w_q.shape
     if in_channels != channels or not xq.is_contiguous():
@@ -215,6 +216,7 @@ def quantized_conv2d(
         strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1],
         w_q.stride(0), w_q.stride(1), w_q.stride(2), w_q.stride(3), *residual_strides,
         1 if w_scale.numel() > 1 else 0, float(x_scale), int(zero_point), p0, p1, float(out_scale),
+        float(residual_scale),
         FLOAT8=float8, ZERO_POINT=bool(zero_point),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=code,

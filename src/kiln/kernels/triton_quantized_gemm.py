@@ -108,7 +108,7 @@ def _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn):
 def quantized_gemm_kernel(
     a_ptr, b_ptr, c_ptr, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
     M, N, K, stride_am, stride_bk, stride_bn, stride_cm, stride_rm, stride_rn, w_scale_stride,
-    x_scale, zero_point, p0, p1, out_scale,
+    x_scale, zero_point, p0, p1, out_scale, residual_scale,
     FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
     ACTIVATION: tl.constexpr, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr,
@@ -149,7 +149,7 @@ def quantized_gemm_kernel(
     residual_ptrs = _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn)
     y = dequantize_epilogue(
         acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-        colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
+        colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
         ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
     y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)
@@ -160,7 +160,7 @@ def quantized_gemm_kernel(
 @triton.jit
 def quantized_gemm_tma_kernel(
     a_desc, b_desc, c_desc, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
-    M, N, K, stride_rm, stride_rn, w_scale_stride, x_scale, zero_point, p0, p1, out_scale,
+    M, N, K, stride_rm, stride_rn, w_scale_stride, x_scale, zero_point, p0, p1, out_scale, residual_scale,
     FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
     ACTIVATION: tl.constexpr, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr,
@@ -190,7 +190,7 @@ def quantized_gemm_tma_kernel(
         residual_ptrs = _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn)
         y = dequantize_epilogue(
             acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-            colsum_ptr, zero_point, bias_ptr, residual_ptrs, p0, p1,
+            colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
             ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
         )
         y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT).to(c_desc.dtype)
@@ -217,15 +217,16 @@ def quantized_gemm(
     *, zero_point: int = 0, colsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None, residual_after_activation: int = 0,
     activation: str = "", activation_params: Sequence[float] | None = None,
-    out_dtype: torch.dtype = torch.float16, out_scale: float = 0.0,
+    out_dtype: torch.dtype = torch.float16, out_scale: float = 0.0, residual_scale: float = 1.0,
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """The layer's output [M, N] in ``out_dtype`` from quantized rows ``a`` [M, K] (int8 or
     float8_e4m3fn, contiguous along K) and the weight ``w_cols`` [K, N] (the same dtype, contiguous
     along K). ``x_scale`` is one number or float32 [M] row scales; ``colsum`` (int32 [N], the
     weight's column sums) is needed with a nonzero ``zero_point``; ``residual`` is [M, N], any
-    strides (0 to broadcast). An int8 or float8_e4m3fn ``out_dtype`` quantizes the output with
-    ``out_scale`` (zero point 0), for the next layer."""
+    strides (0 to broadcast), float or 8-bit values times ``residual_scale``. An int8 or
+    float8_e4m3fn ``out_dtype`` quantizes the output with ``out_scale`` (zero point 0), for the
+    next layer."""
     m, k = a.shape
     n = w_cols.shape[1]
     if w_cols.shape[0] != k or a.stride(1) != 1 or w_cols.stride(0) != 1:
@@ -257,7 +258,7 @@ def quantized_gemm(
     )
     residual_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     scalars = (1 if w_scale.numel() > 1 else 0, 0.0 if row_scales else float(x_scale), int(zero_point),
-               p0, p1, float(out_scale))
+               p0, p1, float(out_scale), float(residual_scale))
     if config is None and _takes_tma(a, w_cols, out):
         cfg = tma_config(n, k, residual is not None)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)

@@ -23,7 +23,8 @@ Quantized layers hand their output to the next one already quantized
 y_type)``, int8 or float8_e4m3fn values computed from the float32 result, and a layer whose ``x``
 comes in those values reads them as ``x_dq = dequantize_activation(x, x_scale, x_zero_point)``
 (static scales only: no ``dynamic``, no smoothing); its float output is then of
-``float_type`` (an ONNX element type), not x's.
+``float_type`` (an ONNX element type), not x's. A layer reading such values as its residual
+dequantizes them with ``residual_scale`` first (0, the default: a float residual).
 
 Attributes: ``x_scale`` (float, required unless ``dynamic``), ``x_zero_point`` (int, default 0; FLOAT8E4M3FN takes
 none: it is ignored there), ``x_type`` (the ONNX element type the activation is quantized to: 3
@@ -180,7 +181,9 @@ def output_dtype(x: torch.Tensor, x_type: int, float_type: int) -> torch.dtype:
 
 
 def _finish(y, residual, activation, activation_params, residual_after_activation, dtype,
-            y_type, y_scale):
+            y_type, y_scale, residual_scale):
+    if residual is not None and residual_scale:
+        residual = dequantize_activation(residual, residual_scale)
     y = apply_epilogue(y, residual, activation, activation_params, residual_after_activation)
     if y_type:
         return quantize_activation(y, y_scale, 0, y_type)
@@ -195,6 +198,7 @@ def quantized_matmul(
     *, x_scale: float = 0.0, x_zero_point: int = 0, x_type: int = INT8, dynamic: int = 0,
     activation: str = "", activation_params: list[float] | None = None,
     residual_after_activation: int = 0, y_type: int = 0, y_scale: float = 0.0, float_type: int = 0,
+    residual_scale: float = 0.0,
 ) -> torch.Tensor:
     if quantized_input(x, x_type):
         if dynamic or x_inverse_smooth is not None:
@@ -208,7 +212,7 @@ def quantized_matmul(
     if bias is not None:
         y = y + bias.to(torch.float32)
     return _finish(y, residual, activation, activation_params, residual_after_activation,
-                   output_dtype(x, x_type, float_type), y_type, y_scale)
+                   output_dtype(x, x_type, float_type), y_type, y_scale, residual_scale)
 
 
 @register("QuantizedConv", domain=KILN)
@@ -220,7 +224,7 @@ def quantized_conv(
     kernel_shape: list[int] | None = None, pads: list[int] | None = None,
     strides: list[int] | None = None, activation: str = "",
     activation_params: list[float] | None = None, residual_after_activation: int = 0,
-    y_type: int = 0, y_scale: float = 0.0, float_type: int = 0,
+    y_type: int = 0, y_scale: float = 0.0, float_type: int = 0, residual_scale: float = 0.0,
 ) -> torch.Tensor:
     if quantized_input(x, x_type):
         x_dq = dequantize_activation(x, x_scale, 0 if x_type == FLOAT8E4M3FN else x_zero_point)
@@ -230,4 +234,4 @@ def quantized_conv(
     y = conv(x_dq, w, None if bias is None else bias.to(torch.float32), auto_pad=auto_pad,
              dilations=dilations, group=group, kernel_shape=kernel_shape, pads=pads, strides=strides)
     return _finish(y, residual, activation, activation_params, residual_after_activation,
-                   output_dtype(x, x_type, float_type), y_type, y_scale)
+                   output_dtype(x, x_type, float_type), y_type, y_scale, residual_scale)

@@ -1,12 +1,15 @@
-"""Quantized layers hand their outputs to the next quantized layer already quantized.
+"""Quantized layers hand their outputs to the next quantized layers already quantized.
 
-Where a ``kiln::QuantizedConv`` or ``kiln::QuantizedMatMul`` (the producer) makes the activation
-that another one (the consumer) alone reads, under the consumer's static scale with zero point 0
-in INT8 or FLOAT8E4M3FN, the producer's epilogue writes the quantized values (``y_type``,
-``y_scale``) and the consumer reads them (``float_type`` keeps its output's float type), as
-:mod:`kiln.ops.quantized` defines: 8 bits cross memory between them instead of 16, and no
-kernel quantizes the activation in between. In ResNet-50 that is two of every bottleneck's
-three convolutions.
+Where a ``kiln::QuantizedConv`` or ``kiln::QuantizedMatMul`` (the producer) makes an activation
+that only quantized layers read, as their input under one static scale with zero point 0 in
+INT8 or FLOAT8E4M3FN, or as their residual, the producer's epilogue writes the quantized values
+(``y_type``, ``y_scale``); the readers take them as their input (``float_type`` keeps their
+output's float type) or dequantize them as their residual (``residual_scale``), as
+:mod:`kiln.ops.quantized` defines. 8 bits cross memory instead of 16, and no kernel quantizes
+the activation in between. In ResNet-50 every convolution's output is handed over but those of
+the downsampling convolutions (only a residual reads them: no layer gives them a scale) and of
+the last block: a bottleneck's output goes quantized to the next block's first convolution (and
+its downsampling one) and, as the residual, to its last.
 
 Matrix products calibrated with dynamic per-row scales are left as they are: a static scale for
 the input of a transformer's second FFN product (its GELU's output, which other layers' kernels
@@ -30,6 +33,7 @@ from kiln.passes.rewrite import KILN_DOMAIN
 
 _T = ir.DataType
 HANDED_TYPES = (_T.INT8, _T.FLOAT8E4M3FN)
+_RESIDUAL_INPUT = 4  # of either quantized op
 _SMOOTHING_INPUT = 5  # QuantizedMatMul's x_inverse_smooth
 
 
@@ -56,22 +60,27 @@ class HandOffQuantized(GraphPass):
         graph = model.graph
         changes: Counter = Counter()
         outputs = {id(value) for value in graph.outputs}
-        for consumer in graph:
-            if not _quantized_layer(consumer):
+        for producer in graph:
+            value = producer.outputs[0] if _quantized_layer(producer) else None
+            if value is None or id(value) in outputs or value.dtype is None or not value.dtype.is_floating_point():
                 continue
-            x = consumer.inputs[0]
-            producer = x.producer() if x is not None else None
-            if (x is None or producer is None or not _quantized_layer(producer)
-                    or id(x) in outputs or len(x.uses()) != 1 or x.dtype is None
-                    or not x.dtype.is_floating_point() or "y_type" in producer.attributes):
+            readers = [(node, index) for node, index in value.uses()]
+            if not all(_quantized_layer(node) and index in (0, _RESIDUAL_INPUT) for node, index in readers):
                 continue
-            scale = _static_scale(consumer)
-            if scale is None or scale[1] <= 0:
+            scales = {_static_scale(node) for node, index in readers if index == 0}
+            if len(scales) != 1 or None in scales:
+                continue  # no layer quantizes it, or they disagree
+            x_type, x_scale = scales.pop()  # type: ignore[misc]
+            if x_scale <= 0:
                 continue
-            x_type, x_scale = scale
             producer.attributes["y_type"] = ir.AttrInt64("y_type", x_type.value)
             producer.attributes["y_scale"] = ir.AttrFloat32("y_scale", x_scale)
-            consumer.attributes["float_type"] = ir.AttrInt64("float_type", x.dtype.value)
-            x.type = ir.TensorType(x_type)
+            for node, index in readers:
+                if index == 0:
+                    node.attributes["float_type"] = ir.AttrInt64("float_type", value.dtype.value)
+                else:
+                    node.attributes["residual_scale"] = ir.AttrFloat32("residual_scale", x_scale)
+            value.type = ir.TensorType(x_type)
             changes["HandedOff"] += 1
+            changes["ResidualsHandedOff"] += sum(index != 0 for _, index in readers)
         return PassOutcome(model, +changes)
