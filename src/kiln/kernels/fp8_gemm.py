@@ -54,14 +54,14 @@ class CublasLtFp8GemmChoice(Choice):
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
         dtypes = input_dtypes(spec)
+        attributes = attributes_of(spec)
         if not (
             device == "cuda"
             and dtypes[0] in FLOAT_TYPES
             and len(dtypes) > 2 and dtypes[1] == FLOAT8E4M3FN
-            and attributes_of(spec).get("x_type") == FLOAT8E4M3FN
+            and attributes.get("x_type") == FLOAT8E4M3FN
             # 8-bit values handed over, out or in as a residual: Triton's epilogue
-            and not attributes_of(spec).get("y_type", 0)
-            and not attributes_of(spec).get("residual_scale", 0.0)
+            and not attributes.get("y_type", 0) and not attributes.get("residual_scale", 0.0)
         ):
             return False
         weight = spec.input_types[1].shape

@@ -38,7 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_epilogue import activation_arguments, dequantize_epilogue, output_values, quantizes_output
+from kiln.kernels.triton_epilogue import (
+    activation_arguments, dequantize_epilogue, output_values, quantizes_output,
+)
 
 FEW_CHANNELS = 32  # below this many input channels the window is walked flattened
 
@@ -77,7 +79,8 @@ def quantized_conv2d_kernel(
     x_scale, zero_point, p0, p1, out_scale, residual_scale,
     FLOAT8: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
-    QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr, FLATTENED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr, FLATTENED: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # Column blocks vary fastest: the programs running together share their input pixels.
@@ -220,7 +223,8 @@ def quantized_conv2d(
         FLOAT8=float8, ZERO_POINT=bool(zero_point),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_AFTER=bool(residual_after_activation), ACTIVATION=code,
-        QUANTIZED_OUT=quantized_out, FLOAT8_OUT=out_dtype == torch.float8_e4m3fn, FLATTENED=channels < FEW_CHANNELS, EVEN_C=channels % cfg.block_k == 0,
+        QUANTIZED_OUT=quantized_out, FLOAT8_OUT=out_dtype == torch.float8_e4m3fn,
+        FLATTENED=channels < FEW_CHANNELS, EVEN_C=channels % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -204,7 +204,7 @@ def quantized_matmul(
         if dynamic or x_inverse_smooth is not None:
             raise ValueError("a QuantizedMatMul whose x comes quantized takes no dynamic scales "
                              "and no smoothing")
-        x_dq = dequantize_activation(x, x_scale, 0 if x_type == FLOAT8E4M3FN else x_zero_point)
+        x_dq = dequantize_activation(x, x_scale, x_zero_point)
     else:
         values, scale = matmul_activation(x, x_inverse_smooth, x_scale, x_type, dynamic)
         x_dq = fake_quantize_activation(values, scale, 0 if dynamic else x_zero_point, x_type)
@@ -227,7 +227,7 @@ def quantized_conv(
     y_type: int = 0, y_scale: float = 0.0, float_type: int = 0, residual_scale: float = 0.0,
 ) -> torch.Tensor:
     if quantized_input(x, x_type):
-        x_dq = dequantize_activation(x, x_scale, 0 if x_type == FLOAT8E4M3FN else x_zero_point)
+        x_dq = dequantize_activation(x, x_scale, x_zero_point)
     else:
         x_dq = fake_quantize_activation(x, x_scale, x_zero_point, x_type)
     w = dequantize_weight(w_q, w_scale, axis=0)

@@ -62,9 +62,10 @@ class HandOffQuantized(GraphPass):
         outputs = {id(value) for value in graph.outputs}
         for producer in graph:
             value = producer.outputs[0] if _quantized_layer(producer) else None
-            if value is None or id(value) in outputs or value.dtype is None or not value.dtype.is_floating_point():
+            if (value is None or id(value) in outputs or value.dtype is None
+                    or not value.dtype.is_floating_point()):
                 continue
-            readers = [(node, index) for node, index in value.uses()]
+            readers = list(value.uses())
             if not all(_quantized_layer(node) and index in (0, _RESIDUAL_INPUT) for node, index in readers):
                 continue
             scales = {_static_scale(node) for node, index in readers if index == 0}
