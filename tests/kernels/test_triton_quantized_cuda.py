@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from onnx import TensorProto
 from torch import nn
 
 import kiln
@@ -80,6 +81,31 @@ def test_matmul(rows, k, n, x_type, zero_point, dynamic):
         _check(got, expected, fake_quantize_activation(scaled, scale, 0, x_type), w)
     else:
         _check(got, expected)
+
+
+@pytest.mark.parametrize("rows, k, n", [(300, 264, 136), (8192, 64, 256), (3136, 512, 2048), (200, 96, 40)])
+@pytest.mark.parametrize("x_type", [INT8, FLOAT8E4M3FN])
+def test_matmul_hands_over_with_an_8_bit_residual(rows, k, n, x_type):
+    """An 8-bit input, residual and output (a quantized hand-off), as ResNet's 1x1 convolutions
+    run: 16-byte aligned rows arrive by TMA (n=40's do not)."""
+    _needs_fp8(x_type)
+    g = torch.Generator().manual_seed(rows + k + n)
+    x = _weight((rows, k), x_type, g)
+    w_q = _weight((k, n), x_type, g)
+    w_scale = torch.rand(n, generator=g) * 0.004 + 0.001
+    bias = torch.randn(n, generator=g).half()
+    residual = _weight((rows, n), x_type, g)
+    storage = INT8 if x_type == INT8 else FLOAT8E4M3FN
+    attributes = {"x_scale": 0.021, "x_zero_point": 0, "x_type": x_type, "dynamic": 0,
+                  "activation": "Relu", "residual_after_activation": 0, "float_type": TensorProto.FLOAT16,
+                  "y_type": storage, "y_scale": 0.5, "residual_scale": 0.03}
+    inputs = [x, w_q, w_scale, bias, residual, None]
+    got, expected = _run("triton-quantized-gemm", "QuantizedMatMul", inputs, attributes)
+    assert got.dtype == expected.dtype
+    # one step apart at most, where float32 rounding puts a value on the other side of a boundary
+    step = 1 if x_type == INT8 else expected.float().abs().clamp(min=1) / 8  # fp8: 3 mantissa bits
+    steps = (got.float() - expected.float()).abs() / step
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("shape", [

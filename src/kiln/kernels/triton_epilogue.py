@@ -140,14 +140,25 @@ def apply_activation(y, ACTIVATION: tl.constexpr, p0, p1):
 
 
 @triton.jit
+def load_residual(residual_ptrs, mask_m, mask_n, HAS_RESIDUAL: tl.constexpr):
+    """The residual tile for :func:`dequantize_epilogue` (0 without one)."""
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    else:
+        residual = 0.0
+    return residual
+
+
+@triton.jit
 def dequantize_epilogue(
     acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-    colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
+    colsum_ptr, zero_point, bias_ptr, residual, residual_scale, p0, p1,
     ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
-    """The layer's float32 output tile from the accumulator tile ``acc`` [BLOCK_M, BLOCK_N]
-    (``residual_scale``: 1 for a float residual, the scale of one handed over in 8 bits)."""
+    """The layer's float32 output tile from the accumulator tile ``acc`` [BLOCK_M, BLOCK_N] and
+    the ``residual`` tile's values times ``residual_scale`` (1 for a float residual, the scale of
+    one handed over in 8 bits)."""
     if ZERO_POINT:
         colsum = tl.load(colsum_ptr + offs_n, mask=mask_n, other=0)
         acc = acc - zero_point * colsum[None, :]
@@ -160,8 +171,7 @@ def dequantize_epilogue(
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        residual = residual.to(tl.float32) * residual_scale  # 1, or an 8-bit residual's scale
+        residual = residual.to(tl.float32) * residual_scale
         if not RESIDUAL_AFTER:
             y = y + residual
     y = apply_activation(y, ACTIVATION, p0, p1)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_epilogue import (
-    activation_arguments, dequantize_epilogue, output_values, quantizes_output,
+    activation_arguments, dequantize_epilogue, load_residual, output_values, quantizes_output,
 )
 
 FEW_CHANNELS = 32  # below this many input channels the window is walked flattened
@@ -161,9 +161,10 @@ def quantized_conv2d_kernel(
     # Columns from the tile's offsets (the load is masked), so rows read as contiguous.
     residual_ptrs = (residual_ptr + (batch.to(tl.int64) * stride_rn + oh * stride_rh
                                      + ow * stride_rw)[:, None] + offs_n[None, :] * stride_ro)
+    residual = load_residual(residual_ptrs, mask_m, mask_n, HAS_RESIDUAL)
     y = dequantize_epilogue(
         acc, offs_m, offs_n, mask_m, mask_n, w_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-        colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
+        colsum_ptr, zero_point, bias_ptr, residual, residual_scale, p0, p1,
         False, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
     y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)

@@ -33,8 +33,16 @@ which one 128x256 tile of two warpgroups per multiprocessor could not do. On an 
 an epilogue): M=8192 K=768 N=2304 0.041 -> 0.034 (0.047), K=768 N=3072 0.048 -> 0.041 (0.060),
 K=768 N=768 + residual 0.030 -> 0.018 (0.016), K=3072 N=768 + residual 0.061 -> 0.050 (0.054);
 ResNet-50's 33 1x1 convolutions at batch 64 as GEMMs over pixels, weighted by count, 1.44 ->
-0.95 ms (cuBLAS fp16 0.84). A residual's change of layout takes shared memory: its tiles are 64
-deep, so that two programs still fit. Sums of fp8 products use the same tiles.
+0.95 ms (cuBLAS fp16 0.84). Sums of fp8 products use the same tiles.
+
+A residual whose rows a tensor descriptor can address arrives by TMA too, in two halves, straight
+into the accumulator's layout; by pointers it would change layout as float32 through shared memory
+(and take 2,800 more instructions for its addresses). 8-bit residuals then leave room for tiles
+as deep as without one; wider ones keep tiles 64 deep, so that two programs still fit. int8 ms,
+pointers -> TMA (ResNet-50's 1x1 convolutions with their int8 residual and output, BERT-base's
+second FFN product): M=200704 K=64 N=256 0.089 -> 0.087, M=50176 K=128 N=512 0.047 -> 0.045,
+M=12544 K=256 N=1024 0.024 -> 0.022, M=3136 K=512 N=2048 0.019 -> 0.017, M=8192 K=3072 N=768
+0.053 -> 0.045.
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kiln.kernels.triton_epilogue import (
-    COMPILED, activation_arguments, dequantize_epilogue, output_values, quantizes_output,
+    COMPILED, activation_arguments, dequantize_epilogue, load_residual, output_values,
+    quantizes_output,
 )
 
 TMA_ALIGNMENT = 16  # bytes: a tensor descriptor's base address and row pitch
@@ -75,13 +84,14 @@ def gemm_config(m: int, n: int, k: int, float8: bool) -> GemmConfig:
     return GemmConfig(64, 128, 128, 8, 4, 4)
 
 
-def tma_config(n: int, k: int, residual: bool) -> GemmConfig:
-    """Tile sizes for :func:`quantized_gemm_tma_kernel` (BLOCK_K at least the MMA's 32; the
-    module's docstring has the measurements)."""
+def tma_config(n: int, k: int, residual_bytes: int) -> GemmConfig:
+    """Tile sizes for :func:`quantized_gemm_tma_kernel` whose residual tile takes
+    ``residual_bytes`` per element of shared memory (0 without one; BLOCK_K at least the MMA's
+    32; the module's docstring has the measurements)."""
     depth = min(128, max(32, triton.next_power_of_2(k)))
     if n <= 64:
         return GemmConfig(128, 64, depth, 8, 4, 3, 3)
-    if residual:
+    if residual_bytes > 1:
         return GemmConfig(128, 128, min(64, depth), 8, 4, 4, 2)
     return GemmConfig(128, 128, depth, 8, 4, 3, 2)
 
@@ -102,6 +112,14 @@ def _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn):
     # that a row's elements are contiguous, and the residual would load an element at a time
     # (ResNet-50's 1x1 64->256 convolution with its residual, batch 64, H100: 0.408 -> 0.137 ms).
     return residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+
+
+@triton.jit
+def _join_halves(left, right):
+    """[BLOCK_M, BLOCK_N] from its left and right [BLOCK_M, BLOCK_N // 2] halves."""
+    block_m: tl.constexpr = left.shape[0]
+    block_n: tl.constexpr = 2 * left.shape[1]
+    return tl.reshape(tl.permute(tl.join(left, right), (0, 2, 1)), (block_m, block_n))
 
 
 @triton.jit
@@ -147,9 +165,10 @@ def quantized_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     residual_ptrs = _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn)
+    residual = load_residual(residual_ptrs, mask_m, mask_n, HAS_RESIDUAL)
     y = dequantize_epilogue(
         acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-        colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
+        colsum_ptr, zero_point, bias_ptr, residual, residual_scale, p0, p1,
         ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
     )
     y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT)
@@ -159,14 +178,16 @@ def quantized_gemm_kernel(
 
 @triton.jit
 def quantized_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual_ptr,
+    a_desc, b_desc, c_desc, row_scale_ptr, w_scale_ptr, colsum_ptr, bias_ptr, residual,
     M, N, K, stride_rm, stride_rn, w_scale_stride, x_scale, zero_point, p0, p1, out_scale, residual_scale,
     FLOAT8: tl.constexpr, ROW_SCALES: tl.constexpr, ZERO_POINT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_AFTER: tl.constexpr,
     ACTIVATION: tl.constexpr, QUANTIZED_OUT: tl.constexpr, FLOAT8_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RESIDUAL_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
+    """``residual`` is a pointer, or with ``RESIDUAL_DESCRIPTOR`` a tensor descriptor of
+    [BLOCK_M, BLOCK_N // 2] blocks."""
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, PROGRAMS, flatten=True):
@@ -187,10 +208,17 @@ def quantized_gemm_tma_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        residual_ptrs = _residual_pointers(residual_ptr, offs_m, offs_n, stride_rm, stride_rn)
+        if RESIDUAL_DESCRIPTOR:  # by TMA, in two halves as the output leaves
+            residual_tile = _join_halves(
+                residual.load([pid_m * BLOCK_M, pid_n * BLOCK_N]),
+                residual.load([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2]),
+            )
+        else:
+            residual_ptrs = _residual_pointers(residual, offs_m, offs_n, stride_rm, stride_rn)
+            residual_tile = load_residual(residual_ptrs, mask_m, mask_n, HAS_RESIDUAL)
         y = dequantize_epilogue(
             acc, offs_m, offs_n, mask_m, mask_n, row_scale_ptr, x_scale, w_scale_ptr, w_scale_stride,
-            colsum_ptr, zero_point, bias_ptr, residual_ptrs, residual_scale, p0, p1,
+            colsum_ptr, zero_point, bias_ptr, residual_tile, residual_scale, p0, p1,
             ROW_SCALES, ZERO_POINT, HAS_BIAS, HAS_RESIDUAL, RESIDUAL_AFTER, ACTIVATION,
         )
         y = output_values(y, out_scale, QUANTIZED_OUT, FLOAT8_OUT).to(c_desc.dtype)
@@ -200,15 +228,23 @@ def quantized_gemm_tma_kernel(
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], right)
 
 
+def _takes_tma_rows(matrix: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address ``matrix``'s rows: contiguous, each row's start
+    16-byte aligned (none repeated by a zero stride)."""
+    return (
+        matrix.stride(-1) == 1 and matrix.stride(0) >= matrix.shape[-1]
+        and matrix.data_ptr() % TMA_ALIGNMENT == 0
+        and matrix.stride(0) * matrix.element_size() % TMA_ALIGNMENT == 0
+    )
+
+
 def _takes_tma(a: torch.Tensor, w_cols: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether the TMA kernel can run this product: compiled, on Hopper or newer, rows enough and
-    every operand's base and row pitch 16-byte aligned."""
+    every operand's rows addressable by tensor descriptors."""
     return (
         COMPILED and a.is_cuda and a.shape[0] >= TMA_MIN_ROWS
         and torch.cuda.get_device_capability(a.device) >= HOPPER
-        and all(t.data_ptr() % TMA_ALIGNMENT == 0 for t in (a, w_cols, out))
-        and a.stride(0) % TMA_ALIGNMENT == 0 and w_cols.stride(1) % TMA_ALIGNMENT == 0
-        and out.stride(0) * out.element_size() % TMA_ALIGNMENT == 0
+        and all(_takes_tma_rows(t) for t in (a, w_cols.t(), out))
     )
 
 
@@ -260,16 +296,22 @@ def quantized_gemm(
     scalars = (1 if w_scale.numel() > 1 else 0, 0.0 if row_scales else float(x_scale), int(zero_point),
                p0, p1, float(out_scale), float(residual_scale))
     if config is None and _takes_tma(a, w_cols, out):
-        cfg = tma_config(n, k, residual is not None)
+        residual_descriptor = residual is not None and _takes_tma_rows(residual)
+        # a residual by pointers changes layout as float32 through shared memory
+        residual_bytes = 0 if residual is None else residual.element_size() if residual_descriptor else 4
+        cfg = tma_config(n, k, residual_bytes)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         programs = min(tiles, sms * cfg.programs_per_sm)
+        half_tile = [cfg.block_m, cfg.block_n // 2]
+        if residual_descriptor:
+            epilogue_args = (*epilogue_args[:-1], TensorDescriptor.from_tensor(residual, half_tile))
         quantized_gemm_tma_kernel[(programs,)](
             TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
             TensorDescriptor.from_tensor(w_cols.t(), [cfg.block_n, cfg.block_k]),
-            TensorDescriptor.from_tensor(out, [cfg.block_m, cfg.block_n // 2]),
+            TensorDescriptor.from_tensor(out, half_tile),
             *epilogue_args, m, n, k, *residual_strides, *scalars, **epilogue_flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            RESIDUAL_DESCRIPTOR=residual_descriptor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
