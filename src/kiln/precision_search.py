@@ -34,9 +34,7 @@ import contextlib
 import logging
 import math
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ from kiln.errors import BuildError, ConfigError, InputError
 from kiln.frontend.onnx import ModelSource
 from kiln.runtime import Engine, TensorInfo
 from kiln.runtime.accuracy import OutputAccuracy, accuracy_report, onnxruntime_reference
+from kiln.runtime.layer_times import run_time
 
 log = logging.getLogger("kiln.precision")
 
@@ -64,7 +63,6 @@ BEST_CANDIDATES = {"cuda": ("fp8", "int8", "fp16", "bf16", "tf32", "fp32"), "cpu
 FP8_CAPABILITY = (8, 9)
 MANIFEST_KEY = "accuracy_budget"
 _ERROR_CAP = 1e30  # a value's relative error when it is not finite (an overflow): huge, but subtractable
-_WARMUP_RUNS, _MIN_RUNS, _MAX_RUNS, _MIN_SECONDS = 3, 10, 200, 0.3
 
 
 def engine_runner(data: EngineData) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
@@ -419,17 +417,7 @@ def _latency_ms(data: EngineData, trials: _Trials) -> float:
     device (with CUDA graphs, as it will run)."""
     engine = Engine(data)
     feed = {name: torch.as_tensor(array).to(engine.device) for name, array in trials.batches(engine)[0].items()}
-    synchronize = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    for _ in range(_WARMUP_RUNS):
-        engine.run(feed)
-    times: list[float] = []
-    while len(times) < _MIN_RUNS or (sum(times) < _MIN_SECONDS and len(times) < _MAX_RUNS):
-        synchronize()
-        start = time.perf_counter()
-        engine.run(feed)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return run_time(engine, feed) * 1e3
 
 
 def _pinned(config: BuildConfig, layers: Sequence[str]) -> BuildConfig:

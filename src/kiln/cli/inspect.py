@@ -1,14 +1,13 @@
 """``kiln inspect ENGINE``: what an engine holds — signature, device, versions and layers.
 
-With ``--profile`` it also runs the engine and times each layer (median over the runs), showing
-each one's time and share of the whole; ``--plot`` draws that as a bar chart (PNG or HTML).
+With ``--profile`` it also runs the engine and times each layer on the device (median over the
+runs; :mod:`kiln.runtime.layer_times`), showing each one's time and share of the whole; ``--plot`` draws that as a bar chart (PNG or HTML).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,9 @@ import kiln
 from kiln.cli.options import add_input_arguments, inputs_for
 from kiln.cli.plot import plot_profile, top_layers
 from kiln.engine import format as engine_format
-from kiln.runtime import Timeline
-from kiln.runtime.timing import COMPUTE, DEVICE_TO_HOST, HOST_TO_DEVICE
+from kiln.runtime.layer_times import layer_times
 
 HELP = "show an engine's inputs, outputs, target and layers; profile its layers"
-NOT_LAYERS = (HOST_TO_DEVICE, COMPUTE, DEVICE_TO_HOST)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,13 +77,7 @@ def _memory_summary(memory: dict[str, Any] | None) -> dict[str, int] | None:
 
 def profile(engine: kiln.Engine, feed: dict[str, Any], iterations: int, warmup: int) -> dict[str, Any]:
     """Per layer, in execution order: median time over ``iterations`` runs and share of the total."""
-    for _ in range(warmup):
-        engine.run(feed)
-    timeline = Timeline(engine.device, layers=True)
-    for _ in range(max(iterations, 1)):
-        engine.run(feed, timeline)
-    runs = [[span.seconds for span in run if span.label not in NOT_LAYERS] for run in timeline.runs()]
-    medians = [statistics.median(times) * 1e3 for times in zip(*runs)]
+    medians = [seconds * 1e3 for seconds in layer_times(engine, feed, iterations, warmup)]
     total = sum(medians)
     layers = [
         {
@@ -102,7 +93,7 @@ def profile(engine: kiln.Engine, feed: dict[str, Any], iterations: int, warmup: 
     ]
     return {
         "device": engine.device.type,
-        "iterations": len(runs),
+        "iterations": max(iterations, 1),
         "inputs": {name: list(getattr(value, "shape", ())) for name, value in feed.items()},
         "total_ms": round(total, 6),
         "layers": layers,
