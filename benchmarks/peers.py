@@ -235,6 +235,8 @@ def run_kiln(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[st
     )
     engine_path = folder / f"model-{settings.precision}.kiln"
     built.save(engine_path)
+    fallback = built.manifest["build"].get("fp16_fallback")  # int8/fp8 layers kept in fp16
+    fp16_layers = {} if fallback is None else {"fp16_layers": len(fallback["layers"]) if fallback.get("kept") else 0}
     del built  # the loaded engine alone is measured
     release_memory(settings.device)
     if settings.device == "cuda":
@@ -248,7 +250,7 @@ def run_kiln(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[st
     output = next(iter(engine.run(feed).values()))
     calibrated = {"calibration_s": round(phases["calibration"], 3)} if "calibration" in phases else {}
     return {**timed, "exporter": exporter, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
-            **calibrated, **peak, "cosine": cosine(output, reference)}
+            **calibrated, **fp16_layers, **peak, "cosine": cosine(output, reference)}
 
 
 def run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], system: str, settings: Settings) -> dict:

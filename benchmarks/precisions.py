@@ -4,7 +4,9 @@ Builds ResNet-50 (torchvision) and BERT-base (transformers, sequence length 128)
 weights, as ``peers.py`` does, at batch 64 in each precision; int8 and fp8 calibrate on
 ``--calibration-samples`` random inputs (512 by default, in batches of the benchmark's size) with
 kiln's default method. Each: median of 50 runs after 10 warm-up runs with CUDA events, the build
-and calibration times, and the cosine similarity of the output to the fp32 PyTorch model's.
+and calibration times, and the cosine similarity of the output to the fp32 PyTorch model's; for
+int8 and fp8, how many quantized layers the build kept in fp16 because they ran faster there
+(:mod:`kiln.fp16_fallback`).
 
 Prints one table with each precision's ms and its speed-up over kiln fp16; writes the rows (the
 peer benchmark's JSON format, ``system`` "kiln" and ``precision`` set) to
@@ -79,7 +81,8 @@ def table(rows: list[dict], precisions: list[str]) -> str:
                 ratio = f" ({fp16_ms / ms:.2f}x)" if ms and fp16_ms else ""
                 cosine = f", cos {row['cosine']:.4f}" if "cosine" in row else ""
                 calibration = f", calib {row['calibration_s']:.1f} s" if "calibration_s" in row else ""
-                cells.append(f"{fmt(ms, 3)}{ratio}{cosine}{calibration}")
+                fp16_layers = f", {row['fp16_layers']} layers fp16" if row.get("fp16_layers") else ""
+                cells.append(f"{fmt(ms, 3)}{ratio}{cosine}{calibration}{fp16_layers}")
         body.append(cells)
     return markdown_table(["model", "batch", *(f"kiln {p} ms (vs fp16)" for p in precisions)], body)
 

@@ -48,6 +48,8 @@ def build(
     name; ``.npy`` for one-input models) or an iterable of dicts of input name to array.
     ``accuracy_budget="cosine>=0.999"`` (with ``precision=`` a reduced precision or ``"best"``)
     keeps the fewest layers in fp32 that meet the budget (see :mod:`kiln.precision_search`).
+    int8/fp8 builds on a GPU keep in fp16 the layers that run faster there (see
+    :mod:`kiln.fp16_fallback`).
     """
     config = (config or BuildConfig()).replace(**overrides)
     return Engine(_build_engine_data(model, config, progress, calibration_data))
@@ -119,9 +121,12 @@ def _build_engine_data(
     calibration_data: Any,
 ) -> EngineData:
     # the compiler loads only when building
+    from kiln import fp16_fallback
     from kiln.engine.build import build_engine
     from kiln.precision_search import build_within_budget, engine_runner
 
     if config.accuracy_budget is not None:
         return build_within_budget(model, config, progress, calibration_data)
+    if fp16_fallback.applies(config):
+        return fp16_fallback.build_with_fp16_fallback(model, config, progress, calibration_data)
     return build_engine(model, config, progress, calibration_data, engine_runner)

@@ -19,7 +19,10 @@ POLICIES = (*PRECISIONS, BEST)
 REDUCED_PRECISIONS = ("fp16", "bf16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-LAYER_PRECISIONS = ("fp32",)  # what a layer may be pinned to
+LAYER_PRECISIONS = ("fp32", "fp16")  # what a layer may be pinned to
+# fp16 pins keep a layer of an int8/fp8 build unquantized (fp16 is what those builds run their
+# float layers in on a GPU); under the fp16 policy they change nothing
+FP16_PIN_POLICIES = (*QUANTIZED_PRECISIONS, "fp16")
 PROFILE_POINTS = ("min", "opt", "max")
 
 Shape = tuple[int, ...]
@@ -324,7 +327,9 @@ class BuildConfig:
         no choice of layers meets it, the build fails saying how close it came. ``None``: no
         budget, nothing measured.
     layer_precisions: layer name (as ``kiln inspect`` shows it) -> ``"fp32"``, to keep that
-        layer in fp32 under a reduced policy. Unknown names fail the build.
+        layer in fp32 under a reduced policy, or ``"fp16"``, to keep a layer of an int8/fp8 build
+        unquantized (in fp16 on a GPU; in fp32 on the CPU, where such builds run their float
+        layers in fp32). Unknown names fail the build.
     profiles: optimization profiles (:class:`Profile`), one or several; a single one, or a mapping
         of input name to shapes, is taken as a one-profile list. When any are given, every input
         with a symbolic or unknown dimension must be in each, the engine accepts the shapes that
@@ -338,6 +343,9 @@ class BuildConfig:
     calibration_cache: path of a JSON file of calibrated ranges, written after calibrating and
         reused by later builds of the same model and method (which then need no data).
     calibration_batches: use at most this many batches of the calibration data.
+    fp16_fallback: int8/fp8 builds on a GPU at ``opt_level`` 3 and above keep in fp16 the
+        quantized layers that run faster there, when that makes the engine faster (see
+        :mod:`kiln.fp16_fallback`); False keeps every layer the policy quantizes in 8 bits.
     """
 
     device: str | None = None
@@ -352,6 +360,7 @@ class BuildConfig:
     calibration_percentile: float = 99.99
     calibration_cache: str | None = None
     calibration_batches: int | None = None
+    fp16_fallback: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profiles", _profiles(self.profiles))
@@ -405,6 +414,11 @@ class BuildConfig:
                 raise ConfigError(
                     f"layer {layer!r} can be pinned to {', '.join(LAYER_PRECISIONS)} only, "
                     f"not {precision!r}"
+                )
+            if precision == "fp16" and self.precision not in FP16_PIN_POLICIES:
+                raise ConfigError(
+                    f"layer {layer!r} can be pinned to fp16 under the {', '.join(FP16_PIN_POLICIES)} "
+                    f"policies only (it keeps a layer unquantized), not under {self.precision!r}"
                 )
 
     def replace(self, **overrides: object) -> BuildConfig:

@@ -179,6 +179,23 @@ def test_pinned_layer_stays_fp32(float_model):
     assert sum(p == "int8" for p in precisions.values()) == len(names) - 1
 
 
+def test_layer_pinned_to_fp16_stays_unquantized(float_model):
+    layers = kiln.build(float_model, device="cpu", precision="int8", calibration_data=_batches(2)).layers
+    quantized = [layer["name"] for layer in layers if layer["precision"] == "int8"]
+    engine = kiln.build(float_model, device="cpu", precision="int8", calibration_data=_batches(2),
+                        layer_precisions={quantized[-1]: "fp16"})
+    pinned = next(layer for layer in engine.layers if layer["name"] == quantized[-1])
+    assert pinned["op"] == "kiln::FusedMatMul"  # not QuantizedMatMul
+    assert pinned["precision"] == "fp32"  # the CPU runs an int8 build's float layers in fp32
+    assert sum(p == "int8" for p in _precisions(engine).values()) == len(quantized) - 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_fp16_pins_need_an_8_bit_or_fp16_policy(float_model, precision):
+    with pytest.raises(ConfigError, match="pinned to fp16 under the int8, fp8, fp16 policies only"):
+        kiln.build(float_model, device="cpu", precision=precision, layer_precisions={"head": "fp16"})
+
+
 def test_bad_calibration_data_is_an_input_error(float_model):
     wrong_name = [{"image": np.zeros((1, 3, 16, 16), np.float32) + 1}]
     with pytest.raises(InputError, match="image"):

@@ -102,10 +102,12 @@ def test_matmul_hands_over_with_an_8_bit_residual(rows, k, n, x_type):
     inputs = [x, w_q, w_scale, bias, residual, None]
     got, expected = _run("triton-quantized-gemm", "QuantizedMatMul", inputs, attributes)
     assert got.dtype == expected.dtype
-    # one step apart at most, where float32 rounding puts a value on the other side of a boundary
+    # One step apart at most, and rarely: the reference sums products of dequantized values in
+    # float32 (each rounded), the kernel sums the integers exactly; near a rounding boundary of
+    # the output's quantization the difference can take a value to the other side.
     step = 1 if x_type == INT8 else expected.float().abs().clamp(min=1) / 8  # fp8: 3 mantissa bits
     steps = (got.float() - expected.float()).abs() / step
-    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-2
 
 
 @pytest.mark.parametrize("shape", [
@@ -164,7 +166,8 @@ def test_quantized_build_takes_the_triton_choices(tmp_path, precision):
     rng = np.random.default_rng(0)
     batches = [{"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
     fp32 = kiln.build(str(path), device="cuda")
-    quantized = kiln.build(str(path), device="cuda", precision=precision, calibration_data=batches)
+    quantized = kiln.build(str(path), device="cuda", precision=precision, calibration_data=batches,
+                           fp16_fallback=False)  # every layer in 8 bits, however small
     choices = {layer["choice"] for layer in quantized.layers if layer["precision"] == precision}
     assert choices == {"triton-quantized-conv", "triton-quantized-gemm"}, choices
     # the block's 3x3 convolution hands its output to the 1x1 one quantized, that one to `down`

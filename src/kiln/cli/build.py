@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibration data (else on random inputs)",
     )
     parser.add_argument(
+        "--no-fp16-fallback", dest="fp16_fallback", action="store_false",
+        help="int8/fp8 on a GPU: quantize every layer the policy can, even those that run faster "
+        "in fp16 (by default they stay in fp16 when that makes the engine faster)",
+    )
+    parser.add_argument(
         "--debug-outputs", action="store_true",
         help="also output every layer's results (for `kiln compare --layerwise --engine`)",
     )
@@ -96,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
             accuracy_budget=args.accuracy_budget,
             layer_precisions=layer_precisions(args.layer_precision), profiles=args.shapes,
             timing_cache=args.timing_cache, calibration_data=args.calibration_data,
-            progress=progress, **calibration_options(args),
+            fp16_fallback=args.fp16_fallback, progress=progress, **calibration_options(args),
         )
         with phase(progress, "write") as current:
             engine.save(args.output)

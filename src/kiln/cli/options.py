@@ -79,8 +79,8 @@ def calibration_options(args: argparse.Namespace) -> dict[str, Any]:
 def add_layer_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layer-precision", action="append", default=[], metavar="NAME=fp32",
-        help="keep layer NAME (as `kiln inspect` shows it) in fp32 under a reduced precision; "
-        "repeatable",
+        help="keep layer NAME (as `kiln inspect` shows it) in fp32 under a reduced precision, or "
+        "(NAME=fp16) unquantized under int8/fp8; repeatable",
     )
 
 

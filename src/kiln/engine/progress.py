@@ -15,7 +15,8 @@ from typing import Any
 
 # The phases of kiln.build, in order; int8/fp8 builds also report "calibration", within "passes";
 # fp16 builds given calibration data report "fp16 range" after "import"; builds under an accuracy
-# budget (or precision "best") report their candidate engines in one "budget" phase around them.
+# budget (or precision "best") report their candidate engines in one "budget" phase around them;
+# int8/fp8 builds on a GPU compare their layers with fp16 in an "fp16 fallback" phase after "plan".
 # Callers that do more (writing the file) add their own.
 BUILD_PHASES = ("import", "passes", "lowering", "tuning", "plan")
 

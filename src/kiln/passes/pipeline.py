@@ -62,7 +62,8 @@ def passes_for(
     calibrate: Calibrate | None = None, rest_precision: str = "fp32", float_outputs: bool = False,
 ) -> list[GraphPass]:
     """Fresh instances of the passes of ``opt_level`` and ``precision``, in order; ``pinned``
-    names the layers kept in fp32; ``calibrate`` measures activation ranges for int8/fp8;
+    maps the layers kept from the policy to ``"fp32"`` or (unquantized in an int8/fp8 build)
+    ``"fp16"``; ``calibrate`` measures activation ranges for int8/fp8;
     ``rest_precision`` is what int8/fp8 builds run their unquantized layers in;
     ``float_outputs`` keeps every layer's output in float (no quantized hand-off), for builds
     that expose them all."""
@@ -84,8 +85,9 @@ def passes_for(
         fmt = precision if precision in FORMATS else None
         passes.append(QuantizeLayers(fmt, calibrate, frozenset(pinned or ())))
     reduced = precision if precision in REDUCED_TYPES else rest_precision if precision in FORMATS else None
-    if reduced in REDUCED_TYPES:
-        passes.append(ReducePrecision(reduced, pinned))
+    if reduced in REDUCED_TYPES:  # fp16 pins only keep layers from quantization
+        kept_fp32 = [name for name, kept in (pinned or {}).items() if kept == "fp32"]
+        passes.append(ReducePrecision(reduced, kept_fp32))
     if (opt_level >= 1 or precision in FORMATS) and not float_outputs:
         passes.append(HandOffQuantized())
     return passes

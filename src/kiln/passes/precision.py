@@ -17,7 +17,7 @@ records the precision it computes in under ``kiln.precision`` in its metadata (`
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -64,14 +64,15 @@ KILN_FP32_INPUTS = {"QuantizedConv": {2}, "QuantizedMatMul": {2, 5}}
 
 
 class ReducePrecision(GraphPass):
-    """Run top-level float32 layers in ``precision`` ("fp16" or "bf16"), but ``pinned`` ones."""
+    """Run top-level float32 layers in ``precision`` ("fp16" or "bf16"), but the ``pinned``
+    ones (names of layers kept in fp32)."""
 
-    def __init__(self, precision: str, pinned: Mapping[str, str] | None = None) -> None:
+    def __init__(self, precision: str, pinned: Iterable[str] = ()) -> None:
         if precision not in REDUCED_TYPES:
             raise ValueError(f"ReducePrecision: {precision!r} is not a reduced precision")
         self.precision = precision
         self.target = REDUCED_TYPES[precision]
-        self.pinned = set(pinned or ())
+        self.pinned = set(pinned)
 
     def __call__(self, model: ir.Model) -> PassOutcome:
         graph = model.graph
