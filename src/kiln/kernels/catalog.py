@@ -19,6 +19,7 @@ from kiln.kernels.space_to_depth_conv import SpaceToDepthConvChoice
 from kiln.kernels.torch_norm import TorchLayerNormChoice, TorchRMSNormChoice
 from kiln.kernels.triton_norm import TritonLayerNormChoice, TritonRMSNormChoice
 from kiln.kernels.triton_pointwise import TritonPointwiseChoice
+from kiln.kernels.triton_pool import TritonMaxPoolChoice
 from kiln.kernels.triton_quantized import TritonQuantizedConvChoice, TritonQuantizedMatMulChoice
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ CHOICES: list[Choice] = [
     TorchLayerNormChoice(),
     TorchRMSNormChoice(),
     TritonPointwiseChoice(),
+    TritonMaxPoolChoice(),
 ]
 BY_ID: dict[str, Choice] = {choice.id: choice for choice in [*CHOICES, FALLBACK]}
 

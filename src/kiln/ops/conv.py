@@ -70,7 +70,7 @@ def _pad_spatial(
 
 
 @dataclass(frozen=True)
-class _Pooling:
+class Pooling:
     """Where a pooling op's windows lie: on the input padded by ``begin``/``end``, then extended
     (or cut) to ``padded_end`` so that exactly ``out`` windows fit."""
 
@@ -83,7 +83,7 @@ class _Pooling:
     out: list[int]
 
 
-def _pooling(
+def pooling(
     x: torch.Tensor,
     kernel_shape: Sequence[int],
     strides: Sequence[int] | None,
@@ -91,7 +91,7 @@ def _pooling(
     pads: Sequence[int] | None,
     auto_pad: str,
     ceil_mode: int,
-) -> _Pooling:
+) -> Pooling:
     sizes = list(x.shape[2:])
     n = len(sizes)
     strides, dilations = _or_ones(strides, n), _or_ones(dilations, n)
@@ -105,7 +105,7 @@ def _pooling(
             count -= 1  # the last window would start in the end padding
         out.append(count)
         padded_end.append((count - 1) * stride + span - size - b)
-    return _Pooling(list(kernel_shape), strides, dilations, begin, end, padded_end, out)
+    return Pooling(list(kernel_shape), strides, dilations, begin, end, padded_end, out)
 
 
 def _lowest(dtype: torch.dtype) -> float | int:
@@ -237,23 +237,23 @@ def deform_conv(
 # --- Pooling --------------------------------------------------------------------------------------
 
 
-def _windows(padded: torch.Tensor, p: _Pooling) -> torch.Tensor:
+def _windows(padded: torch.Tensor, p: Pooling) -> torch.Tensor:
     """A view (N, C, *out, *kernel) of every pooling window of an already padded input."""
     for axis, (kernel, stride, dilation) in enumerate(zip(p.kernel, p.strides, p.dilations)):
         padded = padded.unfold(2 + axis, (kernel - 1) * dilation + 1, stride)[..., ::dilation]
     return padded
 
 
-def _window_sums(padded: torch.Tensor, p: _Pooling) -> torch.Tensor:
+def _window_sums(padded: torch.Tensor, p: Pooling) -> torch.Tensor:
     # Summed over a strided view rather than by a convolution with ones, which TF32 may round.
     return _windows(padded, p).sum(dim=tuple(range(-len(p.kernel), 0)))
 
 
-def _padded_for_pooling(x: torch.Tensor, p: _Pooling, value: float) -> torch.Tensor:
+def _padded_for_pooling(x: torch.Tensor, p: Pooling, value: float) -> torch.Tensor:
     return _pad_spatial(x, p.begin, p.padded_end, value)
 
 
-def _torch_pool_padding(x: torch.Tensor, p: _Pooling) -> list[int] | None:
+def _torch_pool_padding(x: torch.Tensor, p: Pooling) -> list[int] | None:
     """The padding for torch's pooling that gives exactly ``p``'s windows, or None.
 
     torch pads both ends alike, implicitly, by at most half the window: that fits when each axis
@@ -287,7 +287,7 @@ def max_pool(
     x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None,
     storage_order=0, strides=None, _num_outputs,
 ):
-    p = _pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    p = pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     wants_indices = _num_outputs > 1
     if x.dtype.is_floating_point and not wants_indices:
         symmetric = _torch_pool_padding(x, p)
@@ -311,7 +311,7 @@ def average_pool(
     x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
     pads=None, strides=None,
 ):
-    p = _pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    p = pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     sums = _window_sums(_padded_for_pooling(x, p, 0.0), p)
     # Divide by how many positions of each window count: the input's own, plus the explicit
     # padding with count_include_pad; never the room added for ceil_mode.
@@ -327,9 +327,9 @@ def lp_pool(
     x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None,
     strides=None,
 ):
-    pooling = _pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    windows = pooling(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     powered = torch.abs(x) ** p
-    return _window_sums(_padded_for_pooling(powered, pooling, 0.0), pooling) ** (1.0 / p)
+    return _window_sums(_padded_for_pooling(powered, windows, 0.0), windows) ** (1.0 / p)
 
 
 def _spatial_axes(x: torch.Tensor) -> list[int]:
