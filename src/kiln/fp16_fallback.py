@@ -15,7 +15,8 @@ At ``opt_level`` 3 and above, on cuda, without an accuracy budget (whose search 
 itself), unless the configuration turns it off (``fp16_fallback=False``). The rebuilt engine must
 run at least :data:`RUN_MARGIN` faster to be kept. The builds share a kernel timing cache and a calibration cache (temporary ones unless
 the configuration names its own), so the model is calibrated once. The manifest records what was
-compared and kept under ``build.fp16_fallback``.
+compared and kept under ``build.fp16_fallback``; when the comparison itself fails (the model does
+not build in fp16, say), the 8-bit engine stands and the record says why.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kiln.config import QUANTIZED_PRECISIONS, BuildConfig
 from kiln.engine.build import build_engine, resolve_device
 from kiln.engine.format import EngineData
 from kiln.engine.progress import ProgressCallback, phase
+from kiln.errors import KilnError
 from kiln.precision_search import engine_runner, evaluation_batches
 from kiln.runtime import Engine
 from kiln.runtime.layer_times import layer_times, run_time
@@ -83,35 +85,42 @@ def build_with_fp16_fallback(
         })
         quantized = build_engine(model, config, progress, calibration_data, engine_runner)
         with phase(progress, "fp16 fallback") as current:
-            kept_fp32 = {name: kept for name, kept in config.layer_precisions.items() if kept == "fp32"}
-            fp16 = build_engine(model, config.replace(precision="fp16", layer_precisions=kept_fp32))
-            feed = _feed(quantized, calibration_data)
-            quantized_ms, fp16_ms = _layer_ms(quantized, feed), _layer_ms(fp16, feed)
-            faster = fp16_faster_layers(quantized.manifest["layers"], quantized_ms, fp16_ms)
-            record: dict[str, Any] = {"layers": {
-                name: {config.precision: round(quantized_ms[name], 6), "fp16": round(fp16_ms[name], 6)}
-                for name in faster
-            }}
-            chosen = quantized
-            if not faster:
-                current.detail = f"every quantized layer is faster in {config.precision}"
-            else:
-                pinned = config.replace(layer_precisions={**dict.fromkeys(faster, "fp16"), **kept_fp32})
-                rebuilt = build_engine(model, pinned, None, calibration_data, engine_runner)
-                as_built, with_fp16 = (run_time(Engine(data), feed) * 1e3 for data in (quantized, rebuilt))
-                kept = with_fp16 < (1 - RUN_MARGIN) * as_built
-                record.update(run_ms={"as_built": round(as_built, 6), "with_fp16": round(with_fp16, 6)},
-                              kept=kept)
-                if kept:
-                    chosen = rebuilt
-                current.detail = (
-                    f"{len(faster)} layer(s) faster in fp16; the engine with them in fp16 runs in "
-                    f"{with_fp16:.3f} ms, as built {as_built:.3f} ms: "
-                    f"{'kept in fp16' if kept else 'left in ' + config.precision}"
-                )
+            try:
+                chosen, record, current.detail = _fall_back(model, config, calibration_data, quantized)
+            except KilnError as error:  # the 8-bit engine stands; only the comparison failed
+                chosen, record = quantized, {"error": str(error)}
+                current.detail = f"not compared with fp16: {error}"
             log.info("fp16 fallback: %s", current.detail)
         chosen.manifest["build"][MANIFEST_KEY] = record
     return chosen
+
+
+def _fall_back(
+    model: Any, config: BuildConfig, calibration_data: Any, quantized: EngineData,
+) -> tuple[EngineData, dict[str, Any], str]:
+    """(the engine to keep, what was compared, a summary) for the 8-bit engine ``quantized``."""
+    kept_fp32 = {name: kept for name, kept in config.layer_precisions.items() if kept == "fp32"}
+    fp16 = build_engine(model, config.replace(precision="fp16", layer_precisions=kept_fp32))
+    feed = _feed(quantized, calibration_data)
+    quantized_ms, fp16_ms = _layer_ms(quantized, feed), _layer_ms(fp16, feed)
+    faster = fp16_faster_layers(quantized.manifest["layers"], quantized_ms, fp16_ms)
+    record: dict[str, Any] = {"layers": {
+        name: {config.precision: round(quantized_ms[name], 6), "fp16": round(fp16_ms[name], 6)}
+        for name in faster
+    }}
+    if not faster:
+        return quantized, record, f"every quantized layer is faster in {config.precision}"
+    pinned = config.replace(layer_precisions={**dict.fromkeys(faster, "fp16"), **kept_fp32})
+    rebuilt = build_engine(model, pinned, None, calibration_data, engine_runner)
+    as_built, with_fp16 = (run_time(Engine(data), feed) * 1e3 for data in (quantized, rebuilt))
+    kept = with_fp16 < (1 - RUN_MARGIN) * as_built
+    record.update(run_ms={"as_built": round(as_built, 6), "with_fp16": round(with_fp16, 6)}, kept=kept)
+    summary = (
+        f"{len(faster)} layer(s) faster in fp16; the engine with them in fp16 runs in "
+        f"{with_fp16:.3f} ms, as built {as_built:.3f} ms: "
+        f"{'kept in fp16' if kept else 'left in ' + config.precision}"
+    )
+    return (rebuilt if kept else quantized), record, summary
 
 
 def _feed(data: EngineData, calibration_data: Any) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import kiln
+from kiln import fp16_fallback
 from kiln.config import BuildConfig
+from kiln.errors import BuildError
 from kiln.fp16_fallback import MANIFEST_KEY, applies, fp16_faster_layers
 
 LAYERS = [
@@ -82,3 +84,45 @@ def test_int8_build_on_a_gpu_compares_its_layers_with_fp16(tmp_path):
         expected = model(torch.from_numpy(x)).numpy()
     cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
     assert cosine.min() > 0.99
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fallback") / "ffn.onnx"
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    torch.onnx.export(model.eval(), (torch.randn(32, 16),), str(path), input_names=["x"],
+                      output_names=["y"], dynamo=False, opset_version=17)
+    return str(path)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(2)]
+
+
+def test_the_comparison_runs_end_to_end(small_model):
+    # on the CPU only to exercise it (the build applies it on GPUs): fp16 layers run in fp32 here
+    data = fp16_fallback.build_with_fp16_fallback(
+        small_model, BuildConfig(device="cpu", precision="int8"), None, _batches())
+    record = data.manifest["build"][MANIFEST_KEY]
+    precisions = {layer["name"]: layer["precision"] for layer in data.manifest["layers"]}
+    for name, ms in record["layers"].items():
+        assert ms["fp16"] < 0.9 * ms["int8"]
+        assert precisions[name] == ("fp32" if record["kept"] else "int8")
+    assert "int8" in precisions.values() or record.get("kept")
+
+
+def test_a_failed_comparison_leaves_the_8_bit_engine(small_model, monkeypatch):
+    build = fp16_fallback.build_engine
+
+    def fp16_fails(model, config, *args):
+        if config.precision == "fp16":
+            raise BuildError("no fp16 here")
+        return build(model, config, *args)
+
+    monkeypatch.setattr(fp16_fallback, "build_engine", fp16_fails)
+    data = fp16_fallback.build_with_fp16_fallback(
+        small_model, BuildConfig(device="cpu", precision="int8"), None, _batches())
+    assert data.manifest["build"][MANIFEST_KEY] == {"error": "no fp16 here"}
+    assert "int8" in {layer["precision"] for layer in data.manifest["layers"]}

@@ -296,7 +296,8 @@ def quantized_gemm(
     scalars = (1 if w_scale.numel() > 1 else 0, 0.0 if row_scales else float(x_scale), int(zero_point),
                p0, p1, float(out_scale), float(residual_scale))
     if config is None and _takes_tma(a, w_cols, out):
-        residual_descriptor = residual is not None and _takes_tma_rows(residual)
+        # float32 residuals keep to pointers: two halves of them would crowd two programs out
+        residual_descriptor = residual is not None and residual.element_size() <= 2 and _takes_tma_rows(residual)
         # a residual by pointers changes layout as float32 through shared memory
         residual_bytes = 0 if residual is None else residual.element_size() if residual_descriptor else 4
         cfg = tma_config(n, k, residual_bytes)
