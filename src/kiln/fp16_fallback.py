@@ -101,8 +101,10 @@ def _fall_back(
     """(the engine to keep, what was compared, a summary) for the 8-bit engine ``quantized``."""
     kept_fp32 = {name: kept for name, kept in config.layer_precisions.items() if kept == "fp32"}
     fp16 = build_engine(model, config.replace(precision="fp16", layer_precisions=kept_fp32))
-    feed = _feed(quantized, calibration_data)
-    quantized_ms, fp16_ms = _layer_ms(quantized, feed), _layer_ms(fp16, feed)
+    # one engine each: timing layers runs them eagerly, timing a whole run replays a CUDA graph
+    quantized_engine = Engine(quantized)
+    feed = _feed(quantized_engine, calibration_data)
+    quantized_ms, fp16_ms = _layer_ms(quantized_engine, feed), _layer_ms(Engine(fp16), feed)
     faster = fp16_faster_layers(quantized.manifest["layers"], quantized_ms, fp16_ms)
     record: dict[str, Any] = {"layers": {
         name: {config.precision: round(quantized_ms[name], 6), "fp16": round(fp16_ms[name], 6)}
@@ -112,7 +114,7 @@ def _fall_back(
         return quantized, record, f"every quantized layer is faster in {config.precision}"
     pinned = config.replace(layer_precisions={**dict.fromkeys(faster, "fp16"), **kept_fp32})
     rebuilt = build_engine(model, pinned, None, calibration_data, engine_runner)
-    as_built, with_fp16 = (run_time(Engine(data), feed) * 1e3 for data in (quantized, rebuilt))
+    as_built, with_fp16 = (run_time(engine, feed) * 1e3 for engine in (quantized_engine, Engine(rebuilt)))
     kept = with_fp16 < (1 - RUN_MARGIN) * as_built
     record.update(run_ms={"as_built": round(as_built, 6), "with_fp16": round(with_fp16, 6)}, kept=kept)
     summary = (
@@ -123,15 +125,13 @@ def _fall_back(
     return (rebuilt if kept else quantized), record, summary
 
 
-def _feed(data: EngineData, calibration_data: Any) -> dict[str, torch.Tensor]:
+def _feed(engine: Engine, calibration_data: Any) -> dict[str, torch.Tensor]:
     """The first evaluation batch (see :func:`~kiln.precision_search.evaluation_batches`) on the
     engine's device."""
-    engine = Engine(data, cuda_graphs=False)
     batch = evaluation_batches(engine.inputs, engine.profiles, calibration_data)[0]
     return {name: torch.as_tensor(array).to(engine.device) for name, array in batch.items()}
 
 
-def _layer_ms(data: EngineData, feed: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    engine = Engine(data, cuda_graphs=False)
+def _layer_ms(engine: Engine, feed: Mapping[str, torch.Tensor]) -> dict[str, float]:
     seconds = layer_times(engine, feed, ITERATIONS, WARMUP)
-    return {layer["name"]: s * 1e3 for layer, s in zip(data.manifest["layers"], seconds, strict=True)}
+    return {layer["name"]: s * 1e3 for layer, s in zip(engine.layers, seconds, strict=True)}
