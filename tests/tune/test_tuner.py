@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import kiln
 from kiln.errors import ConfigError, EngineFormatError
@@ -12,6 +13,7 @@ from kiln.kernels.catalog import FALLBACK, choices_for
 from kiln.kernels.launch import launcher
 from kiln.lowering.spec import KernelSpec, ValueType
 from kiln.tune import TimingCache, Tuner
+from kiln.tune.select import _agrees
 
 
 def _attention_spec(shape=(2, 128, 768)) -> KernelSpec:
@@ -76,3 +78,18 @@ def test_an_unknown_or_misplaced_choice_is_a_format_error():
         launcher({"choice": "warp-drive"}, "Relu", "", 14, "relu")
     with pytest.raises(EngineFormatError, match="rebuild"):
         launcher({"choice": "cudnn-conv-nhwc"}, "Relu", "", 14, "relu")
+
+
+@pytest.mark.parametrize("dtype, step, beyond", [
+    (torch.int8, 1.0, 2.0), (torch.float8_e4m3fn, 0.5, 1.0),  # 4.0 and 4.5 are adjacent in e4m3
+])
+def test_quantized_outputs_agree_one_step_apart(dtype, step, beyond):
+    """A choice quantizing float values it rounded its own way may land a step from the reference;
+    further is a wrong result."""
+    reference = torch.tensor([4.0, -3.0, 0.0, 100.0]).to(dtype)
+    one_step = torch.tensor([4.0 + step, -3.0, 0.0, 100.0]).to(dtype)
+    further = torch.tensor([4.0 + beyond + step, -3.0, 0.0, 100.0]).to(dtype)
+    scales = torch.tensor([0.5, 0.25])
+    assert _agrees((one_step, scales), (reference, scales))
+    assert not _agrees((further, scales), (reference, scales))
+    assert not _agrees((one_step, scales * 1.01), (reference, scales))

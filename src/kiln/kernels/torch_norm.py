@@ -2,7 +2,8 @@
 
 The ``ops`` versions spell the statistics out in several kernels (they are the reference); these
 run ``torch.nn.functional.layer_norm`` / ``rms_norm`` over the trailing axis, the residual
-addition first when there is one.
+addition first when there is one. Norms that also quantize their rows (``q_type``) are left to
+the Triton kernels.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class TorchLayerNormChoice(Choice):
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
         ranks = input_ranks(spec)
-        return normalizes_last_axis(spec, device) and (len(ranks) < 3 or ranks[2] in (None, 1))
+        return (normalizes_last_axis(spec, device) and (len(ranks) < 3 or ranks[2] in (None, 1))
+                and not attributes_of(spec).get("q_type", 0))
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         def run(x, scale, bias=None, residual=None, *, epsilon=1e-5, _num_outputs=1, **_same):
@@ -55,7 +57,7 @@ class TorchRMSNormChoice(Choice):
     op_types = ((KILN, "RMSNorm"),)
 
     def supports(self, spec: KernelSpec, device: str) -> bool:
-        return normalizes_last_axis(spec, device)
+        return normalizes_last_axis(spec, device) and not attributes_of(spec).get("q_type", 0)
 
     def launch(self, recipe: Mapping[str, Any], reference: OpImpl) -> Launch:
         def run(x, scale, residual=None, *, epsilon=1e-5, _num_outputs=1, **_same):

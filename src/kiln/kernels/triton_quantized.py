@@ -12,7 +12,8 @@ without padding runs as the GEMM over the pixels (with its TMA kernel on Hopper)
 
 Either takes its input already quantized when the layer before hands it over, skipping the
 quantization pass, and writes its output quantized when it hands it on
-(:mod:`kiln.passes.quantized_handoff`).
+(:mod:`kiln.passes.quantized_handoff`); a matrix product also takes rows a norm quantized, with
+their scales (:mod:`kiln.passes.quantized_norm`).
 
 Weights are laid out once, when the engine loads: a matrix column by column, a convolution
 channels-last, with their sums for zero points. The choices are not ``timed_only``: quantized
@@ -80,16 +81,18 @@ class TritonQuantizedMatMulChoice(Choice):
         def prepare(w: torch.Tensor) -> torch.Tensor:
             return sums.remember(column_major(w))
 
-        def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, *, x_scale=0.0,
-                x_zero_point=0, x_type=INT8, dynamic=0, activation="", activation_params=None,
-                residual_after_activation=0, y_type=0, y_scale=0.0, float_type=0,
-                residual_scale=0.0, **_same_as_reference):
+        def run(x, w_q, w_scale, bias=None, residual=None, x_inverse_smooth=None, x_row_scale=None,
+                *, x_scale=0.0, x_zero_point=0, x_type=INT8, dynamic=0, activation="",
+                activation_params=None, residual_after_activation=0, y_type=0, y_scale=0.0,
+                float_type=0, residual_scale=0.0, **_same_as_reference):
             k, n = w_q.shape
             w_cols = column_major(w_q)
             float8 = x_type == FLOAT8E4M3FN
             rows = x.reshape(-1, k)
             zero_point8 = 0
-            if quantized_input(x, x_type):
+            if x_row_scale is not None:  # quantized by the norm before
+                q, scale = rows.contiguous(), x_row_scale.reshape(-1).to(torch.float32)
+            elif quantized_input(x, x_type):
                 q, scale = rows.contiguous(), x_scale
                 zero_point8 = 0 if float8 else x_zero_point
             elif dynamic:

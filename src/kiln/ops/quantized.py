@@ -15,7 +15,10 @@ QuantizedMatMul takes a sixth input, ``x_inverse_smooth`` (float32 ``[K]``, opti
 activation is multiplied by it before quantization (SmoothQuant: the weight carries the inverse,
 moving activation outliers into the weight), and an attribute ``dynamic`` (default 0): 1 quantizes
 each row of the activation with its own scale, its abs-max over 127 (int8) or 448 (fp8), zero
-point 0, instead of ``x_scale``.
+point 0, instead of ``x_scale``. A seventh input, ``x_row_scale`` (float32, x's shape without its
+last axis), says x comes already quantized that way, by the norm before it
+(:func:`quantized_rows`, :mod:`kiln.ops.fused_norm`): ``x_dq = x * x_row_scale`` per row, no
+``dynamic``, no smoothing (the norm applied it).
 
 Quantized layers hand their output to the next one already quantized
 (:class:`~kiln.passes.quantized_handoff.HandOffQuantized`): with ``y_type`` (INT8 or FLOAT8E4M3FN;
@@ -164,6 +167,15 @@ def matmul_activation(
     return values, row_scales(values, x_type) if dynamic else x_scale
 
 
+def quantized_rows(
+    y: torch.Tensor, inverse_smooth: torch.Tensor | None, x_type: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``y`` as a QuantizedMatMul with ``dynamic`` quantizes them: ``(values of
+    x_type, float32 scales of y's shape without its last axis)``."""
+    values, scales = matmul_activation(y, inverse_smooth, 0.0, x_type, dynamic=1)
+    return quantize_activation(values, scales, 0, x_type), scales.squeeze(-1)
+
+
 def quantized_input(x: torch.Tensor, x_type: int) -> bool:
     """Whether a quantized layer's ``x`` comes quantized (a producer's ``y_type``), not in float."""
     _check_type(x_type)
@@ -194,7 +206,7 @@ def _finish(y, residual, activation, activation_params, residual_after_activatio
 def quantized_matmul(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-    x_inverse_smooth: torch.Tensor | None = None,
+    x_inverse_smooth: torch.Tensor | None = None, x_row_scale: torch.Tensor | None = None,
     *, x_scale: float = 0.0, x_zero_point: int = 0, x_type: int = INT8, dynamic: int = 0,
     activation: str = "", activation_params: list[float] | None = None,
     residual_after_activation: int = 0, y_type: int = 0, y_scale: float = 0.0, float_type: int = 0,
@@ -204,7 +216,12 @@ def quantized_matmul(
         if dynamic or x_inverse_smooth is not None:
             raise ValueError("a QuantizedMatMul whose x comes quantized takes no dynamic scales "
                              "and no smoothing")
-        x_dq = dequantize_activation(x, x_scale, x_zero_point)
+        if x_row_scale is not None:
+            x_dq = x.to(torch.float32) * x_row_scale.to(torch.float32).unsqueeze(-1)
+        else:
+            x_dq = dequantize_activation(x, x_scale, x_zero_point)
+    elif x_row_scale is not None:
+        raise ValueError(f"a QuantizedMatMul given row scales takes x quantized, not in {x.dtype}")
     else:
         values, scale = matmul_activation(x, x_inverse_smooth, x_scale, x_type, dynamic)
         x_dq = fake_quantize_activation(values, scale, 0 if dynamic else x_zero_point, x_type)

@@ -16,7 +16,8 @@ and fp8 policies those ``calibrate`` measures. Under a reduced precision policy 
 ``rest_precision`` for the layers int8/fp8 left in float) every level ends with
 :class:`ReducePrecision` (after shape inference at level 0, which has none of its own: the pass
 reads value types). Last, :class:`HandOffQuantized` lets quantized layers pass their outputs
-quantized to the quantized layers that alone read them.
+quantized to the quantized layers that alone read them, and :class:`NormsQuantizeRows` lets
+norms quantize the rows the matrix products after them read.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kiln.passes.merge_products import MergeSiblingProducts
 from kiln.passes.precision import REDUCED_TYPES, ReducePrecision
 from kiln.passes.quantize import FORMATS, Calibrate, QuantizeLayers, ReadQuantization
 from kiln.passes.quantized_handoff import HandOffQuantized
+from kiln.passes.quantized_norm import NormsQuantizeRows
 from kiln.passes.shapes import InferShapes
 from kiln.passes.simplify import simplify
 from kiln.passes.split_sequence import split_sequence
@@ -89,7 +91,7 @@ def passes_for(
         kept_fp32 = [name for name, kept in (pinned or {}).items() if kept == "fp32"]
         passes.append(ReducePrecision(reduced, kept_fp32))
     if (opt_level >= 1 or precision in FORMATS) and not float_outputs:
-        passes.append(HandOffQuantized())
+        passes += [HandOffQuantized(), NormsQuantizeRows()]
     return passes
 
 
