@@ -25,6 +25,7 @@ pytestmark = pytest.mark.triton_interpreter
 FP8 = ops.FLOAT8E4M3FN
 STATIC = [(ops.INT8, 0), (ops.INT8, -3), (ops.UINT8, 117), (FP8, 0)]
 TOLERANCE = 2e-6  # of the output's largest magnitude
+GELU_FORMS_DIFFERENCE = 5e-4  # the tanh form of GELU from erf's, at most
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -145,7 +146,9 @@ def _check_gemm(rows, k, n, x_type, zero_point, residual_after, config=None):
 @pytest.mark.parametrize("y_type", [ops.INT8, FP8])
 def test_gemm_hands_its_output_over_quantized(y_type):
     """An int8 or fp8 output, quantized with the next layer's scale from float32 epilogue values:
-    the reference's values, but where the two float32 results straddle a rounding boundary."""
+    the reference's values, but where the two float32 results straddle a rounding boundary (the
+    kernel's GELU, in its tanh form, is up to 5e-4 from the reference's, an absolute difference that
+    spans several of fp8's steps near zero)."""
     rows, k, n = 33, 72, 40
     x = _activation(rows, k, torch.float32, seed=5)
     w_q = _weight(k, n, False, seed=6)
@@ -157,16 +160,18 @@ def test_gemm_hands_its_output_over_quantized(y_type):
         q, column_major(w_q), 0.021, w_scale, activation="Gelu",
         out_dtype=ops.ACTIVATION_DTYPES[y_type], out_scale=0.05,
     )
-    _same_quantized(got, expected)
+    _same_quantized(got, expected, absolute=GELU_FORMS_DIFFERENCE / 0.05)
 
 
-def _same_quantized(got: torch.Tensor, expected: torch.Tensor) -> None:
+def _same_quantized(got: torch.Tensor, expected: torch.Tensor, absolute: float = 0.0) -> None:
+    """One step apart at most, where the float values differed; ``absolute`` more (in steps of
+    the quantized values) where the kernel computes the epilogue in another form."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
     if got.dtype == torch.int8:
         steps = (got.int() - expected.int()).abs()
         assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
     else:  # one float8 step: 2**-3 of the value
-        torch.testing.assert_close(got.float(), expected.float(), rtol=0.125, atol=2**-9)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0.125, atol=2**-9 + absolute)
 
 
 def test_quantized_output_needs_a_scale():

@@ -9,12 +9,13 @@ output values in float32, as :mod:`kiln.ops.quantized` defines them: ``acc * x_s
 (LeakyRelu/Elu alpha, Clip bounds, HardSigmoid alpha and beta) are run-time values that
 :func:`activation_arguments` fills with the same defaults.
 
-GELU into a 16-bit output takes the tanh form on the hardware's ``tanh.approx.f32``, as cuBLASLt's
-GELU epilogue does for the fp16 layers (:mod:`kiln.kernels.cublas_gemm`): the two forms differ by
-less than 5e-4, and the approximate tanh by 2**-11 of itself, within a float16 rounding step,
-while erf costs the epilogue of an int8 BERT-base FFN GEMM (M=8192, K=768, N=3072) on an H100 a
-third of its time (0.092 ms against 0.065). Triton's interpreter runs no PTX: there the tanh is
-computed from ``exp``.
+GELU into a 16-bit or an 8-bit output takes the tanh form on the hardware's ``tanh.approx.f32``, as
+cuBLASLt's GELU epilogue does for the fp16 layers (:mod:`kiln.kernels.cublas_gemm`): the two forms
+differ by less than 5e-4, and the approximate tanh by 2**-11 of itself, of the order of the
+outputs' own rounding (a float16 step near 1; an int8 step at output scales above 5e-4), while erf costs the epilogue of an int8 BERT-base FFN GEMM
+(M=8192, K=768, N=3072) on an H100 a third of its time (0.092 ms against 0.065; in fp8, writing fp8
+for a second FFN product with a static scale, 0.132 against 0.083). Triton's interpreter runs no
+PTX: there the tanh is computed from ``exp``.
 
 A layer that hands its output to the next quantized layer (``y_type``) stores the epilogue's
 float32 values quantized with that layer's scale (:func:`output_values`), as
@@ -34,9 +35,10 @@ from kiln.kernels.triton_quantize import INT8_HIGH, INT8_LOW, quantize_values
 from kiln.ops.activation import ACTIVATIONS
 
 ACTIVATION_CODES = {"": 0, **{name: code for code, name in enumerate(ACTIVATIONS, start=1)}}
-FAST_GELU = tl.constexpr(len(ACTIVATION_CODES))  # either GELU, into a 16-bit output
+FAST_GELU = tl.constexpr(len(ACTIVATION_CODES))  # either GELU, into a 16-bit or 8-bit output
 HALF_OUTPUTS = (torch.float16, torch.bfloat16)
 QUANTIZED_OUTPUTS = (torch.int8, torch.float8_e4m3fn)
+ROUGH_OUTPUTS = HALF_OUTPUTS + QUANTIZED_OUTPUTS  # rounded about as coarsely as the tanh form differs
 COMPILED = os.environ.get("TRITON_INTERPRET") != "1"  # not in Triton's interpreter
 HARDWARE_TANH = tl.constexpr(COMPILED)
 # Parameters' defaults, as ACTIVATIONS applies them (Clip has no defaults: it needs both).
@@ -73,7 +75,7 @@ def activation_arguments(
     defaults = _DEFAULTS.get(activation, (0.0, 0.0))
     first = float(params[0]) if params else defaults[0]
     second = float(params[1]) if len(params) > 1 else defaults[1]
-    if activation in ("Gelu", "GeluTanh") and out_dtype in HALF_OUTPUTS:
+    if activation in ("Gelu", "GeluTanh") and out_dtype in ROUGH_OUTPUTS:
         return FAST_GELU.value, first, second
     return ACTIVATION_CODES[activation], first, second
 
