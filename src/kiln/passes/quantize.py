@@ -43,6 +43,9 @@ from kiln.passes.rewrite import KILN_DOMAIN, KILN_OPSET, constant, initializer, 
 ACTIVATION_SCALES_KEY = "kiln.activation_scales"  # model metadata: {value name: ActivationScale}
 WEIGHT_SCALES_KEY = "kiln.weight_scales"  # model metadata: {constant name: {"scale", "axis"}}
 QUANTIZED_OPS = ("QuantizedConv", "QuantizedMatMul")
+# QuantizedMatMul's inputs after (x, w_q, w_scale, bias, residual), as _swap lays them out
+X_SMOOTHING_INPUT = 5  # x_inverse_smooth
+X_ROW_SCALE_INPUT = 6  # x_row_scale, given by a norm (kiln.passes.quantized_norm)
 
 _T = ir.DataType
 # policy -> the type activations and weights are quantized to, and its largest magnitude

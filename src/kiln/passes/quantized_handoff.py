@@ -28,13 +28,12 @@ from collections import Counter
 import onnx_ir as ir
 
 from kiln.passes.base import GraphPass, PassOutcome
-from kiln.passes.quantize import QUANTIZED_OPS
+from kiln.passes.quantize import QUANTIZED_OPS, X_SMOOTHING_INPUT
 from kiln.passes.rewrite import KILN_DOMAIN
 
 _T = ir.DataType
 HANDED_TYPES = (_T.INT8, _T.FLOAT8E4M3FN)
 _RESIDUAL_INPUT = 4  # of either quantized op
-_SMOOTHING_INPUT = 5  # QuantizedMatMul's x_inverse_smooth
 
 
 def _quantized_layer(node: ir.Node | None) -> bool:
@@ -46,7 +45,7 @@ def _static_scale(consumer: ir.Node) -> tuple[_T, float] | None:
     quantized: a static scale, zero point 0, INT8 or FLOAT8E4M3FN, no smoothing."""
     attributes = consumer.attributes
     x_type = _T(attributes.get_int("x_type", _T.INT8))
-    smoothing = len(consumer.inputs) > _SMOOTHING_INPUT and consumer.inputs[_SMOOTHING_INPUT] is not None
+    smoothing = len(consumer.inputs) > X_SMOOTHING_INPUT and consumer.inputs[X_SMOOTHING_INPUT] is not None
     if (x_type not in HANDED_TYPES or attributes.get_int("dynamic", 0) or smoothing
             or (x_type == _T.INT8 and attributes.get_int("x_zero_point", 0))):
         return None

@@ -24,14 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.passes.base import GraphPass, PassOutcome
-from kiln.passes.quantize import FORMATS
+from kiln.passes.quantize import FORMATS, X_ROW_SCALE_INPUT, X_SMOOTHING_INPUT
 from kiln.passes.rewrite import KILN_DOMAIN, constant, kiln_node
 
 _T = ir.DataType
 QUANTIZED_ROW_TYPES = tuple(quant_type for quant_type, _ in FORMATS.values())
-SMOOTHING_INPUT = {"LayerNorm": 4, "RMSNorm": 3}  # of the norms
-_X_SMOOTHING_INPUT = 5  # QuantizedMatMul's x_inverse_smooth
-_X_ROW_SCALE_INPUT = 6  # and its x_row_scale
+NORM_SMOOTHING_INPUT = {"LayerNorm": 4, "RMSNorm": 3}  # the norms' inverse_smooth
 
 
 def _row_quantizing_reader(node: ir.Node, index: int) -> bool:
@@ -41,12 +39,12 @@ def _row_quantizing_reader(node: ir.Node, index: int) -> bool:
         index == 0 and node.domain == KILN_DOMAIN and node.op_type == "QuantizedMatMul"
         and attributes.get_int("dynamic", 0) == 1
         and _T(attributes.get_int("x_type", _T.INT8)) in QUANTIZED_ROW_TYPES
-        and len(node.inputs) <= _X_ROW_SCALE_INPUT
+        and len(node.inputs) <= X_ROW_SCALE_INPUT
     )
 
 
 def _smoothing(node: ir.Node) -> tuple[ir.Value | None, np.ndarray | None]:
-    value = node.inputs[_X_SMOOTHING_INPUT] if len(node.inputs) > _X_SMOOTHING_INPUT else None
+    value = node.inputs[X_SMOOTHING_INPUT] if len(node.inputs) > X_SMOOTHING_INPUT else None
     return value, constant(value)
 
 
@@ -67,7 +65,7 @@ class NormsQuantizeRows(GraphPass):
         graph = model.graph
         changes: Counter = Counter()
         for norm in list(graph):
-            if (norm.domain != KILN_DOMAIN or norm.op_type not in SMOOTHING_INPUT
+            if (norm.domain != KILN_DOMAIN or norm.op_type not in NORM_SMOOTHING_INPUT
                     or norm.attributes.get_int("q_type", 0)):
                 continue
             y = norm.outputs[0]
@@ -87,7 +85,7 @@ class NormsQuantizeRows(GraphPass):
         q_type = _T(readers[0].attributes.get_int("x_type", _T.INT8))
         smoothing, _ = _smoothing(readers[0])
         inputs = list(norm.inputs)
-        inputs += [None] * (SMOOTHING_INPUT[norm.op_type] - len(inputs))
+        inputs += [None] * (NORM_SMOOTHING_INPUT[norm.op_type] - len(inputs))
         inputs.append(smoothing)
         while inputs[-1] is None:
             inputs.pop()
@@ -108,9 +106,9 @@ class NormsQuantizeRows(GraphPass):
         )
         for reader in readers:
             reader.replace_input_with(0, rows)
-            if len(reader.inputs) > _X_SMOOTHING_INPUT:
-                reader.replace_input_with(_X_SMOOTHING_INPUT, None)
-            reader.resize_inputs(_X_ROW_SCALE_INPUT + 1)
-            reader.replace_input_with(_X_ROW_SCALE_INPUT, row_scales)
+            if len(reader.inputs) > X_SMOOTHING_INPUT:
+                reader.replace_input_with(X_SMOOTHING_INPUT, None)
+            reader.resize_inputs(X_ROW_SCALE_INPUT + 1)
+            reader.replace_input_with(X_ROW_SCALE_INPUT, row_scales)
             reader.attributes["dynamic"] = ir.AttrInt64("dynamic", 0)
             reader.attributes["float_type"] = ir.AttrInt64("float_type", y.dtype.value)
